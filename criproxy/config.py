@@ -1,0 +1,187 @@
+"""Settings for `criproxy serve`: one table drives the command-line flags and the YAML config file.
+
+Every setting is a flag (--runtime-endpoint) and a top-level key of the config file
+(runtime-endpoint:). A flag given on the command line wins over the file, the file over the
+default. Unknown keys, wrong types and impossible values stop the start with a message that
+names the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import grp
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from criproxy.endpoints import Endpoint, parse_endpoint
+from criproxy.errors import ConfigError
+
+MiB = 1024 * 1024
+#: The kubelet's own message limit; the proxy must carry at least what the kubelet accepts.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * MiB
+DEFAULT_LISTEN = "unix:///run/criproxy/criproxy.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """What `criproxy serve` runs with; built once at start, never changed while serving."""
+
+    #: Where the kubelet connects (its --container-runtime-endpoint points here).
+    listen: Endpoint
+    #: The real runtime; None means: the first well-known socket that answers.
+    runtime_endpoint: Endpoint | None = None
+    #: ImageService calls go here; None means: the runtime endpoint.
+    image_endpoint: Endpoint | None = None
+    #: Largest message accepted or sent, on both sides of the proxy.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Permission bits of the listening socket: who besides root may drive the runtime through it.
+    socket_mode: int = 0o660
+    #: Group owning the socket (name or number); None keeps the proxy's own group.
+    socket_group: int | None = None
+    #: How long SIGTERM waits for in-flight calls before closing them.
+    shutdown_grace_seconds: float = 10.0
+    #: Python logging level name.
+    log_level: str = "INFO"
+    #: The file the settings came from, for messages; None when only flags were used.
+    config_file: Path | None = None
+
+
+def _endpoint(value: Any, where: str) -> Endpoint:
+    return parse_endpoint(_string(value, where), what=where)
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _byte_size(value: Any, where: str) -> int:
+    text = str(value).strip()
+    units = {"Ki": 1024, "Mi": MiB, "Gi": 1024 * MiB}
+    number, factor = text, 1
+    for suffix, size in units.items():
+        if text.endswith(suffix):
+            number, factor = text[: -len(suffix)], size
+            break
+    if isinstance(value, bool) or not number.isdigit():
+        raise ConfigError(f"{where}: expected a size in bytes such as 16777216 or 16Mi, got {value!r}")
+    size = int(number) * factor
+    if size < 4 * MiB or size > 2047 * MiB:
+        raise ConfigError(f"{where}: {value!r} is out of range; use 4Mi to 2047Mi (the kubelet sends up to 16Mi)")
+    return size
+
+
+def _mode(value: Any, where: str) -> int:
+    text = str(value).strip() if not isinstance(value, int) else oct(value)[2:]
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"{where}: expected octal permission bits such as 0660, got {value!r}") from None
+    if mode & ~0o777 or mode & 0o007:
+        raise ConfigError(f"{where}: {value!r} would let every local user drive the runtime; use at most 0770")
+    return mode
+
+
+def _group(value: Any, where: str) -> int:
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no group named {text!r} on this host (see /etc/group)") from None
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not 0 <= seconds <= 3600:
+        raise ConfigError(f"{where}: {value!r} is out of range; use 0 to 3600 seconds")
+    return seconds
+
+
+def _log_level(value: Any, where: str) -> str:
+    level = _string(value, where).upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"{where}: expected one of debug, info, warning, error, got {value!r}")
+    return level
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its flag/key, how to read it, and the --help text."""
+
+    key: str
+    parse: Callable[[Any, str], Any]
+    metavar: str
+    help: str
+
+    @property
+    def attr(self) -> str:
+        return self.key.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", _endpoint, "URL",
+            f"socket the kubelet connects to (default {DEFAULT_LISTEN}); point the kubelet's "
+            "containerRuntimeEndpoint and imageServiceEndpoint here"),
+    Setting("runtime-endpoint", _endpoint, "URL",
+            "the real runtime's socket, e.g. unix:///run/containerd/containerd.sock; default: the first of "
+            "containerd's and CRI-O's well-known sockets that answers"),
+    Setting("image-endpoint", _endpoint, "URL", "where ImageService calls go (default: the runtime endpoint)"),
+    Setting("max-message-bytes", _byte_size, "SIZE",
+            "largest gRPC message carried either way, e.g. 16Mi (default 16Mi, the kubelet's limit)"),
+    Setting("socket-mode", _mode, "OCTAL", "permission bits of the listening socket (default 0660)"),
+    Setting("socket-group", _group, "GROUP", "group that owns the listening socket (default: root's)"),
+    Setting("shutdown-grace-seconds", _seconds, "SECONDS",
+            "on SIGTERM/SIGINT, how long in-flight calls may finish before they are cut (default 10)"),
+    Setting("log-level", _log_level, "LEVEL", "debug, info, warning or error (default info)"),
+)
+_BY_KEY = {s.key: s for s in SETTINGS}
+assert {s.attr for s in SETTINGS} <= {f.name for f in fields(ServeConfig)}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read the YAML config file into a mapping of known keys; every problem names the file and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read it: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings at the top, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in _BY_KEY)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: "
+                          f"{', '.join(_BY_KEY)}")
+    return {str(k): v for k, v in data.items()}
+
+
+def build_config(flags: Mapping[str, Any], config_file: Path | None) -> ServeConfig:
+    """Merge defaults, the config file and command-line flags (by setting key) into a ServeConfig."""
+    values: dict[str, Any] = {"listen": parse_endpoint(DEFAULT_LISTEN, what="--listen")}
+    if config_file is not None:
+        for key, raw in read_config_file(config_file).items():
+            setting = _BY_KEY[key]
+            if raw is not None:  # `key:` with no value leaves the default
+                values[setting.attr] = setting.parse(raw, f"config file {config_file}: {key}")
+    for key, raw in flags.items():
+        if raw is not None:
+            setting = _BY_KEY[key]
+            values[setting.attr] = setting.parse(raw, setting.flag)
+    return ServeConfig(config_file=config_file, **values)

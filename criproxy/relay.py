@@ -1,0 +1,212 @@
+"""The relay: one generic gRPC handler that forwards every CRI call to the runtime.
+
+Notes:
+- Requests and responses are bytes: a method nobody intercepts is never parsed. Only methods
+  in `Hooks.decoded` are decoded, handed to the hooks, and re-encoded (unknown fields kept).
+- Which methods are unary or server-streaming comes from the descriptors (criproxy.methods).
+  A path the table does not know (a newer CRI, another service on the runtime's socket) is
+  forwarded as a bidirectional stream: every gRPC call shape fits in one, so the proxy needs
+  no knowledge of it to relay it faithfully.
+- Metadata goes upstream as received (traceparent included, user-agent excepted: the channel
+  sets its own); the caller's remaining deadline becomes the upstream deadline; the runtime's
+  initial metadata, status code, details and trailing metadata come back unchanged.
+- Streams read one message from the runtime only after the previous one was written to the
+  caller (context.write waits for the caller's flow control), so a slow caller slows the runtime's stream instead of growing a buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError, Message
+
+from criproxy.errors import CriProxyError, Internal, InvalidArgument
+from criproxy.methods import IMAGE_SERVICE, METHODS, Method, parse_cri_path
+from criproxy.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+Metadata = Sequence[tuple[str, str | bytes]]
+_DROPPED_METADATA = frozenset({"user-agent"})
+
+
+@dataclass(slots=True)
+class Call:
+    """What the hooks learn about one intercepted call."""
+
+    method: Method
+    path: str
+    metadata: Metadata
+    #: Free-form per-call state a hook keeps between `before` and `after` (never on the hook object).
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Hooks(Protocol):
+    """The interception seam. The relay decodes only the methods in `decoded`."""
+
+    decoded: frozenset[str]
+
+    async def before(self, call: Call, request: Message) -> Message:
+        """Return the request to send upstream (the same object, changed, or a new one); raise to refuse."""
+        ...
+
+    async def after(self, call: Call, request: Message, response: bytes) -> None:
+        """Observe a successful response (it is forwarded unchanged)."""
+        ...
+
+
+class NoHooks:
+    """The pure proxy: nothing decoded."""
+
+    decoded: frozenset[str] = frozenset()
+
+    async def before(self, call: Call, request: Message) -> Message:
+        return request
+
+    async def after(self, call: Call, request: Message, response: bytes) -> None:
+        return None
+
+
+def forwardable_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
+    return tuple((k, v) for k, v in context.invocation_metadata() or () if k not in _DROPPED_METADATA)
+
+
+async def relay_error(context: grpc.aio.ServicerContext[Any, Any], err: grpc.aio.AioRpcError,
+                      upstream: Upstream) -> None:
+    """End the caller's call with the runtime's status; raises (as context.abort does)."""
+    details = err.details() or ""
+    if err.code() == grpc.StatusCode.UNAVAILABLE and not upstream.is_connected():
+        # Not the runtime's answer: the proxy could not reach it. Say which socket, and why.
+        details = (f"criproxy: {upstream.role} endpoint {upstream.endpoint} is not answering "
+                   f"(is the runtime running?): {details}")
+    trailing: Metadata = tuple(err.trailing_metadata() or ())  # type: ignore[arg-type]  # (key, value) pairs
+    await context.abort(err.code(), details, trailing)
+
+
+async def send_initial(context: grpc.aio.ServicerContext[Any, Any], call: Any) -> None:
+    initial = await call.initial_metadata()
+    if initial:
+        await context.send_initial_metadata(initial)
+
+
+class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Serves every method path by forwarding it to the runtime or image upstream."""
+
+    def __init__(self, runtime: Upstream, image: Upstream, hooks: Hooks | None = None) -> None:
+        self.runtime = runtime
+        self.image = image
+        self.hooks: Hooks = hooks if hooks is not None else NoHooks()
+        self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
+        path: str = handler_call_details.method
+        handler = self._handlers.get(path)
+        if handler is None:
+            handler = self._handlers[path] = self._make_handler(path)
+        return handler
+
+    def _make_handler(self, path: str) -> grpc.RpcMethodHandler[bytes, bytes]:
+        parsed = parse_cri_path(path)
+        method = METHODS.get(parsed.key) if parsed is not None else None
+        upstream = self.image if parsed is not None and parsed.service == IMAGE_SERVICE else self.runtime
+
+        def target() -> str:
+            # The runtime's API can change on reconnect, so the upstream path is computed per call.
+            return parsed.with_api(upstream.api) if parsed is not None else path
+
+        if method is None:
+            return grpc.stream_stream_rpc_method_handler(self._bidi(upstream, target))
+        if method.server_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._server_stream(upstream, target))
+        if method.key in self.hooks.decoded:
+            return grpc.unary_unary_rpc_method_handler(self._intercepted(upstream, target, method, path))
+        return grpc.unary_unary_rpc_method_handler(self._unary(upstream, target))
+
+    def _unary(self, upstream: Upstream,
+               target: Callable[[], str]) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            return await forward_unary(upstream, target(), request, context)
+
+        return handle
+
+    def _intercepted(self, upstream: Upstream, target: Callable[[], str], method: Method,
+                     path: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        hooks = self.hooks
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            call = Call(method=method, path=path, metadata=forwardable_metadata(context))
+            try:
+                try:
+                    message = method.request_type.FromString(request)
+                except DecodeError as err:
+                    raise InvalidArgument(f"criproxy: cannot decode the {method.key} request: {err}") from err
+                message = await hooks.before(call, message)
+                response = await forward_unary(upstream, target(), message.SerializeToString(), context,
+                                               call.metadata)
+                await hooks.after(call, message, response)
+                return response
+            except CriProxyError as err:
+                await context.abort(err.code, err.message)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as err:  # a bug in a hook must not pass its call unchecked
+                log.exception("criproxy: %s failed inside the proxy", method.key)
+                await context.abort(Internal.code, f"criproxy: internal error handling {method.key}: {err!r}")
+            raise AssertionError("unreachable: context.abort raises")
+
+        return handle
+
+    def _server_stream(self, upstream: Upstream,
+                       target: Callable[[], str]) -> Callable[[bytes, Any], Awaitable[None]]:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+            call = upstream.stream(target())(request, metadata=forwardable_metadata(context),
+                                             timeout=context.time_remaining())
+            await relay_stream(upstream, call, context)
+
+        return handle
+
+    def _bidi(self, upstream: Upstream,
+              target: Callable[[], str]) -> Callable[[AsyncIterator[bytes], Any], Awaitable[None]]:
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+            call = upstream.bidi(target())(requests, metadata=forwardable_metadata(context),
+                                           timeout=context.time_remaining())
+            await relay_stream(upstream, call, context)
+
+        return handle
+
+
+async def relay_stream(upstream: Upstream, call: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    """Write the runtime's stream to the caller, one message at a time, then its status and trailers."""
+    try:
+        await send_initial(context, call)
+        async for message in call:
+            await context.write(message)  # returns once the caller's flow control took it
+        trailing = await call.trailing_metadata()
+        if trailing:
+            context.set_trailing_metadata(trailing)
+    except grpc.aio.AioRpcError as err:
+        await relay_error(context, err, upstream)
+    finally:
+        call.cancel()  # the caller went away (or the stream ended: then a no-op)
+
+
+async def forward_unary(upstream: Upstream, path: str, request: bytes,
+                        context: grpc.aio.ServicerContext[bytes, bytes], metadata: Metadata | None = None) -> bytes:
+    """Send one request upstream and hand back the response, metadata and status of the runtime."""
+    call = upstream.unary(path)(request, metadata=metadata if metadata is not None else forwardable_metadata(context),
+                                timeout=context.time_remaining())
+    try:
+        response: bytes = await call
+    except grpc.aio.AioRpcError as err:
+        await relay_error(context, err, upstream)
+        raise  # not reached: abort raises
+    await send_initial(context, call)
+    trailing = await call.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    return response

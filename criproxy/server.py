@@ -1,0 +1,122 @@
+"""`criproxy serve`: wire the upstreams, the relay and the listening socket together, and run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from criproxy import __version__
+from criproxy.config import ServeConfig
+from criproxy.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
+from criproxy.errors import ConfigError
+from criproxy.relay import Hooks, Relay
+from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
+from criproxy.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def find_runtime_endpoint(listen: Endpoint) -> Endpoint:
+    """The first well-known runtime socket that accepts a connection (never the proxy's own)."""
+    tried = []
+    for url in WELL_KNOWN_RUNTIME_ENDPOINTS:
+        endpoint = parse_endpoint(url, what="well-known runtime endpoint")
+        if endpoint.path == listen.path:
+            continue
+        tried.append(url)
+        if probe_socket(endpoint.path):
+            log.info("no --runtime-endpoint given; using %s, the first well-known runtime socket that answers", url)
+            return endpoint
+    raise ConfigError(
+        f"no --runtime-endpoint given and none of the well-known runtime sockets answers ({', '.join(tried)}); "
+        "start the runtime or pass --runtime-endpoint"
+    )
+
+
+@dataclass
+class Proxy:
+    """A running proxy: its gRPC server, upstreams and socket. Made by start_proxy, ended by stop()."""
+
+    config: ServeConfig
+    server: grpc.aio.Server
+    runtime: Upstream
+    image: Upstream
+    relay: Relay
+    socket_inode: int
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish for `grace` seconds, then close everything."""
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
+        # Unlink first: a new proxy (or the kubelet's reconnect) must not find a socket nobody serves.
+        remove_if_ours(self.config.listen.path, self.socket_inode)
+        await self.server.stop(grace)
+        await self.runtime.close()
+        if self.image is not self.runtime:
+            await self.image.close()
+
+
+async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
+    """Connect to the runtime, bind the socket and start serving; raises ConfigError on bad setup."""
+    runtime_endpoint = config.runtime_endpoint or find_runtime_endpoint(config.listen)
+    if runtime_endpoint.path == config.listen.path:
+        raise ConfigError(f"--runtime-endpoint {runtime_endpoint} is the proxy's own --listen socket")
+    runtime = Upstream(runtime_endpoint, max_message_bytes=config.max_message_bytes, role="runtime")
+    image = runtime
+    if config.image_endpoint is not None and config.image_endpoint.path != runtime_endpoint.path:
+        image = Upstream(config.image_endpoint, max_message_bytes=config.max_message_bytes, role="image")
+
+    prepare_listen_path(config.listen.path)
+    relay = Relay(runtime, image, hooks)
+    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    server.add_generic_rpc_handlers((relay,))
+    temp = temporary_path(config.listen.path)
+    if server.add_insecure_port("unix://" + temp) == 0:
+        raise ConfigError(f"--listen {config.listen}: cannot bind a socket in {os.path.dirname(temp)}")
+    await server.start()
+    inode = publish(temp, config.listen.path, config.socket_mode, config.socket_group)
+
+    async def redetect() -> None:
+        await runtime.detect_api()
+        if image is not runtime:
+            await image.detect_image_api(runtime.api)
+
+    await redetect()
+    runtime.start_watching(redetect)
+    if image is not runtime:
+        image.start_watching(lambda: image.detect_image_api(runtime.api))
+    log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s", __version__, config.listen,
+             runtime.endpoint, runtime.api, image.endpoint)
+    return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode)
+
+
+async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for the grace period and remove the socket."""
+    proxy = await start_proxy(config, hooks)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: draining in-flight calls for up to %.1f s", config.shutdown_grace_seconds)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await proxy.stop()
+    log.info("stopped; removed %s", config.listen.path)

@@ -1,0 +1,217 @@
+"""Every CRI call crosses the proxy byte for byte, with its metadata, deadline and status."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from criproxy.api.runtime.v1 import api_pb2
+from criproxy.methods import METHODS
+from criproxy.server import Proxy
+from tests.support.fakeruntime import FakeRuntime, Reply
+
+UNARY = sorted(k for k, m in METHODS.items() if not m.server_streaming)
+STREAMS = sorted(k for k, m in METHODS.items() if m.server_streaming)
+
+
+def sample_request(key: str) -> bytes:
+    """A non-empty, distinctive request for any method: an unknown field the proxy must not touch."""
+    # Field 999, length-delimited: not in any CRI message, so only a byte-exact relay keeps it.
+    return b"\xba\x3e\x0b" + key.encode()[:11].ljust(11, b".")
+
+
+def test_the_table_has_all_43_methods() -> None:
+    assert len(METHODS) == 43
+    assert len(STREAMS) == 7
+
+
+@pytest.mark.parametrize("key", UNARY)
+def test_unary_method_is_relayed_byte_for_byte(key: str, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    response = b"\x0a\x03abc" + sample_request(key)
+    fake.script(key, Reply(messages=[response]))
+    request = sample_request(key)
+    got = channel.unary_unary(f"/runtime.v1.{key}")(request, timeout=5)
+    assert got == response
+    (seen,) = fake.received(key)
+    assert seen.path == f"/runtime.v1.{key}"
+    assert seen.request == request
+
+
+@pytest.mark.parametrize("key", STREAMS)
+def test_server_stream_is_relayed_message_by_message(key: str, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    messages = [sample_request(key) + bytes([i]) for i in range(5)]
+    fake.script(key, Reply(messages=messages, trailing_metadata=(("x-end", "done"),)))
+    call = channel.unary_stream(f"/runtime.v1.{key}")(sample_request(key), timeout=5)
+    assert list(call) == messages
+    assert call.code() == grpc.StatusCode.OK
+    assert dict(call.trailing_metadata())["x-end"] == "done"
+    (seen,) = fake.received(key)
+    assert seen.request == sample_request(key)
+
+
+def test_unknown_method_is_forwarded_not_refused(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    path = "/runtime.v1.RuntimeService/SomeFutureMethod"
+    fake.add_path(path, "unary")
+    fake.script(path, Reply(messages=[b"\x08\x2a"], trailing_metadata=(("x-new", "yes"),)))
+    response, call = channel.unary_unary(path).with_call(b"\x08\x01", timeout=5)
+    assert response == b"\x08\x2a"
+    assert dict(call.trailing_metadata())["x-new"] == "yes"
+    assert fake.received(path)[0].request == b"\x08\x01"
+
+
+def test_unknown_server_stream_is_forwarded(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    path = "/runtime.v1.ImageService/StreamSomethingNew"
+    fake.add_path(path, "server_stream")
+    fake.script(path, Reply(messages=[b"a", b"bb", b"ccc"]))
+    assert list(channel.unary_stream(path)(b"q", timeout=5)) == [b"a", b"bb", b"ccc"]
+
+
+def test_unknown_service_outside_the_cri_is_forwarded(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    path = "/containerd.services.version.v1.Version/Version"
+    fake.add_path(path, "unary")
+    fake.script(path, Reply(messages=[b"\x0a\x01x"]))
+    assert channel.unary_unary(path)(b"", timeout=5) == b"\x0a\x01x"
+
+
+def test_method_the_runtime_lacks_answers_its_unimplemented(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/runtime.v1.RuntimeService/NoSuchMethod")(b"", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNKNOWN])
+def test_runtime_errors_come_back_unchanged(code: grpc.StatusCode, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    trailers = (("x-why", "because"), ("grpc-status-details-bin", b"\x08\x05\x12\x03nf!"))
+    fake.script("RuntimeService/ContainerStatus",
+                Reply(code=code, details=f"container \"abc\" {code.name}", trailing_metadata=trailers))
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/runtime.v1.RuntimeService/ContainerStatus")(b"\x0a\x03abc", timeout=5)
+    err = caught.value
+    assert err.code() == code
+    assert err.details() == f"container \"abc\" {code.name}"
+    got = dict(err.trailing_metadata())
+    assert got["x-why"] == "because"
+    assert got["grpc-status-details-bin"] == b"\x08\x05\x12\x03nf!"
+
+
+def test_stream_error_after_messages_comes_back(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    fake.script("RuntimeService/GetContainerEvents",
+                Reply(messages=[b"\x0a\x01a"], code=grpc.StatusCode.INTERNAL, details="event bus broke",
+                      trailing_metadata=(("x-t", "1"),)))
+    call = channel.unary_stream("/runtime.v1.RuntimeService/GetContainerEvents")(b"", timeout=5)
+    got = []
+    with pytest.raises(grpc.RpcError):
+        for message in call:
+            got.append(message)
+    assert got == [b"\x0a\x01a"]
+    assert call.code() == grpc.StatusCode.INTERNAL
+    assert call.details() == "event bus broke"
+    assert dict(call.trailing_metadata())["x-t"] == "1"
+
+
+def test_metadata_travels_both_ways(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    fake.script("RuntimeService/Version", Reply(messages=[b""], initial_metadata=(("x-runtime-initial", "i"),),
+                                                trailing_metadata=(("x-runtime-trailer", "t"),)))
+    _, call = channel.unary_unary("/runtime.v1.RuntimeService/Version").with_call(
+        b"", timeout=5, metadata=(("traceparent", traceparent), ("x-bin", b"\x00\xff")))
+    seen = fake.received("RuntimeService/Version")[-1]
+    assert seen.metadata["traceparent"] == traceparent
+    assert seen.metadata["x-bin"] == b"\x00\xff"
+    assert dict(call.initial_metadata())["x-runtime-initial"] == "i"
+    assert dict(call.trailing_metadata())["x-runtime-trailer"] == "t"
+
+
+def test_callers_deadline_becomes_the_upstream_deadline(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    channel.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"", timeout=7)
+    seen = fake.received("RuntimeService/ListContainers")[-1]
+    assert seen.time_remaining is not None
+    assert 5.0 < seen.time_remaining <= 7.0
+
+
+def test_no_deadline_means_none_upstream(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    channel.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"")
+    assert fake.received("RuntimeService/ListContainers")[-1].time_remaining is None
+
+
+def test_hanging_runtime_gets_the_callers_deadline(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    fake.script("RuntimeService/StopContainer", Reply(hang=True))
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/runtime.v1.RuntimeService/StopContainer")(b"", timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 3
+
+
+def test_a_10_mib_response_crosses(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    big = api_pb2.ListContainersResponse(
+        containers=[api_pb2.Container(id=f"{i:064x}", labels={"k": "v" * 1000}) for i in range(10_000)]
+    ).SerializeToString()
+    assert len(big) > 10 * 1024 * 1024
+    fake.script("RuntimeService/ListContainers", Reply(messages=[big]))
+    got = channel.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"", timeout=30)
+    assert got == big
+
+
+def test_over_the_limit_is_resource_exhausted_and_the_proxy_keeps_serving(
+        fake: FakeRuntime, channel: grpc.Channel) -> None:
+    fake.script("RuntimeService/ListContainers", Reply(messages=[b"x" * (17 * 1024 * 1024)]))
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"y" * (17 * 1024 * 1024), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
+
+
+def test_caller_cancelling_a_stream_cancels_it_upstream(fake: FakeRuntime, channel: grpc.Channel,
+                                                        loop: object) -> None:
+    fake.script("RuntimeService/GetContainerEvents", Reply(messages=[b"e"] * 1000, delay=0.05))
+    call = channel.unary_stream("/runtime.v1.RuntimeService/GetContainerEvents")(b"", timeout=30)
+    assert next(call) == b"e"
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while not fake.received("RuntimeService/GetContainerEvents")[-1].cancelled:
+        assert time.monotonic() < deadline, "the runtime's stream was not cancelled"
+        time.sleep(0.02)
+
+
+def test_runtime_ending_a_stream_ends_it_for_the_caller(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    fake.script("ImageService/StreamImages", Reply(messages=[b"1", b"2"]))
+    call = channel.unary_stream("/runtime.v1.ImageService/StreamImages")(b"", timeout=5)
+    assert list(call) == [b"1", b"2"]
+    assert call.code() == grpc.StatusCode.OK
+
+
+def test_concurrent_calls_are_not_mixed_up(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(20):
+                request = api_pb2.ContainerStatusRequest(container_id=f"c-{n}-{i}").SerializeToString()
+                channel.unary_unary("/runtime.v1.RuntimeService/ContainerStatus")(request, timeout=5)
+        except BaseException as err:  # collected and re-raised in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    ids = sorted(api_pb2.ContainerStatusRequest.FromString(r.request).container_id
+                 for r in fake.received("RuntimeService/ContainerStatus"))
+    assert ids == sorted(f"c-{n}-{i}" for n in range(8) for i in range(20))
+
+
+def test_proxy_fixture_is_what_serves(proxy: Proxy, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    raw = channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
+    assert api_pb2.VersionResponse.FromString(raw).runtime_name == "fake-runtime"
+    assert proxy.runtime.api == "v1"

@@ -1,0 +1,164 @@
+"""API version bridging (v1 <-> v1alpha2) and the runtime going away and coming back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from criproxy.api.runtime.v1 import api_pb2
+from criproxy.config import ServeConfig
+from criproxy.server import Proxy, start_proxy
+from tests.support.fakeruntime import FakeRuntime, Reply
+from tests.support.loopthread import LoopThread
+
+
+def run_fake(loop: LoopThread, sockdir: Path, apis: tuple[str, ...]) -> FakeRuntime:
+    runtime = FakeRuntime(apis=apis)
+    loop.run(runtime.start(str(sockdir / "runtime.sock")))
+    return runtime
+
+
+@pytest.fixture
+def old_runtime(loop: LoopThread, sockdir: Path) -> Iterator[FakeRuntime]:
+    runtime = run_fake(loop, sockdir, ("v1alpha2",))
+    yield runtime
+    loop.run(runtime.stop())
+
+
+@pytest.fixture
+def v1_only_runtime(loop: LoopThread, sockdir: Path) -> Iterator[FakeRuntime]:
+    runtime = run_fake(loop, sockdir, ("v1",))
+    yield runtime
+    loop.run(runtime.stop())
+
+
+def start(loop: LoopThread, config: ServeConfig) -> Proxy:
+    return loop.run(start_proxy(config))
+
+
+def test_v1_caller_in_front_of_a_v1alpha2_runtime(loop: LoopThread, old_runtime: FakeRuntime,
+                                                   proxy_config: ServeConfig) -> None:
+    proxy = start(loop, proxy_config)
+    try:
+        assert proxy.runtime.api == "v1alpha2"
+        old_runtime.script("RuntimeService/ListContainers", Reply(messages=[b"\x0a\x04\x0a\x02id"]))
+        with grpc.insecure_channel(proxy_config.listen.target) as chan:
+            got = chan.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"\x0a\x00", timeout=5)
+            events = chan.unary_stream("/runtime.v1.RuntimeService/GetContainerEvents")(b"", timeout=5)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(events)
+        assert got == b"\x0a\x04\x0a\x02id"
+        seen = old_runtime.received("RuntimeService/ListContainers")[-1]
+        assert seen.path == "/runtime.v1alpha2.RuntimeService/ListContainers"
+        assert seen.request == b"\x0a\x00"
+        # A method v1alpha2 lacks gets the old runtime's own answer.
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        loop.run(proxy.stop(0))
+
+
+def test_v1alpha2_caller_in_front_of_a_v1_runtime(loop: LoopThread, v1_only_runtime: FakeRuntime,
+                                                   proxy_config: ServeConfig) -> None:
+    proxy = start(loop, proxy_config)
+    try:
+        assert proxy.runtime.api == "v1"
+        # KeyValue.value is a string in v1alpha2 and bytes in v1; the bytes cross untouched.
+        request = api_pb2.CreateContainerRequest(
+            pod_sandbox_id="p", config=api_pb2.ContainerConfig(envs=[api_pb2.KeyValue(key="A", value=b"x\xffy")])
+        ).SerializeToString()
+        with grpc.insecure_channel(proxy_config.listen.target) as chan:
+            chan.unary_unary("/runtime.v1alpha2.RuntimeService/CreateContainer")(request, timeout=5)
+            chan.unary_unary("/runtime.v1alpha2.ImageService/ListImages")(b"", timeout=5)
+        seen = v1_only_runtime.received("RuntimeService/CreateContainer")[-1]
+        assert seen.path == "/runtime.v1.RuntimeService/CreateContainer"
+        assert seen.request == request
+        assert v1_only_runtime.received("ImageService/ListImages")[-1].path == "/runtime.v1.ImageService/ListImages"
+    finally:
+        loop.run(proxy.stop(0))
+
+
+def test_runtime_speaking_both_is_addressed_in_v1(proxy: Proxy, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    channel.unary_unary("/runtime.v1alpha2.RuntimeService/Status")(b"", timeout=5)
+    assert fake.received("RuntimeService/Status")[-1].path == "/runtime.v1.RuntimeService/Status"
+
+
+def test_runtime_down_is_unavailable_promptly_naming_the_endpoint(loop: LoopThread, sockdir: Path,
+                                                                  proxy_config: ServeConfig) -> None:
+    proxy = start(loop, proxy_config)  # nothing listens on runtime.sock
+    try:
+        with grpc.insecure_channel(proxy_config.listen.target) as chan:
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=30)
+            elapsed = time.monotonic() - began
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"runtime endpoint unix://{sockdir}/runtime.sock is not answering" in caught.value.details()
+        assert elapsed < 5, f"took {elapsed:.1f}s: a down runtime must fail fast, not wait for the deadline"
+    finally:
+        loop.run(proxy.stop(0))
+
+
+def test_proxy_recovers_within_a_second_of_the_runtime_returning(loop: LoopThread, sockdir: Path,
+                                                                 proxy_config: ServeConfig) -> None:
+    first = run_fake(loop, sockdir, ("v1", "v1alpha2"))
+    proxy = start(loop, proxy_config)
+    try:
+        with grpc.insecure_channel(proxy_config.listen.target) as chan:
+            version = chan.unary_unary("/runtime.v1.RuntimeService/Version")
+            assert version(b"", timeout=5) is not None
+            loop.run(first.stop())
+            deadline = time.monotonic() + 5
+            while True:  # the proxy notices the runtime went away
+                try:
+                    version(b"", timeout=1)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+                    break
+                assert time.monotonic() < deadline
+            time.sleep(3)  # long enough for gRPC's default backoff to have grown past a second
+            second = run_fake(loop, sockdir, ("v1alpha2",))  # and it came back speaking the old API
+            back = time.monotonic()
+            while True:
+                try:
+                    version(b"", timeout=1)
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+                    assert time.monotonic() - back < 1.0, "not serving within a second of the runtime's return"
+                    time.sleep(0.02)
+            assert time.monotonic() - back < 1.0
+            deadline = time.monotonic() + 2
+            while proxy.runtime.api != "v1alpha2":  # re-detected on reconnect
+                assert time.monotonic() < deadline, "API version not re-detected after reconnect"
+                time.sleep(0.02)
+            chan.unary_unary("/runtime.v1.RuntimeService/Status")(b"", timeout=5)
+            assert second.received("RuntimeService/Status")[-1].path == "/runtime.v1alpha2.RuntimeService/Status"
+        loop.run(second.stop())
+    finally:
+        loop.run(proxy.stop(0))
+
+
+def test_separate_image_endpoint_gets_image_calls(loop: LoopThread, sockdir: Path, fake: FakeRuntime,
+                                                   proxy_config: ServeConfig) -> None:
+    images = FakeRuntime()
+    loop.run(images.start(str(sockdir / "images.sock")))
+    from criproxy.endpoints import parse_endpoint
+    from tests.conftest import config_with
+
+    config = config_with(proxy_config, image_endpoint=parse_endpoint(f"unix://{sockdir}/images.sock", what="t"))
+    proxy = start(loop, config)
+    try:
+        fake.journal.clear()
+        images.journal.clear()
+        with grpc.insecure_channel(config.listen.target) as chan:
+            chan.unary_unary("/runtime.v1.ImageService/ListImages")(b"", timeout=5)
+            chan.unary_unary("/runtime.v1.RuntimeService/ListContainers")(b"", timeout=5)
+        assert [r.path for r in images.journal] == ["/runtime.v1.ImageService/ListImages"]
+        assert [r.path for r in fake.journal] == ["/runtime.v1.RuntimeService/ListContainers"]
+    finally:
+        loop.run(proxy.stop(0))
+        loop.run(images.stop())
