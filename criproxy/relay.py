@@ -11,7 +11,8 @@ Notes:
   sets its own); the caller's remaining deadline becomes the upstream deadline; the runtime's
   initial metadata, status code, details and trailing metadata come back unchanged.
 - Streams read one message from the runtime only after the previous one was written to the
-  caller (context.write waits for the caller's flow control), so a slow caller slows the runtime's stream instead of growing a buffer.
+  caller (context.write waits for the caller's flow control), so a slow caller slows the
+  runtime's stream instead of growing a buffer.
 """
 
 from __future__ import annotations
