@@ -27,7 +27,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
 from criproxy.errors import CriProxyError, Internal, InvalidArgument
-from criproxy.methods import IMAGE_SERVICE, METHODS, Method, parse_cri_path
+from criproxy.methods import API_VERSIONS, IMAGE_SERVICE, METHODS, Method, parse_cri_path
 from criproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,15 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         method = METHODS.get(parsed.key) if parsed is not None else None
         upstream = self.image if parsed is not None and parsed.service == IMAGE_SERVICE else self.runtime
 
-        def target() -> str:
-            # The runtime's API can change on reconnect, so the upstream path is computed per call.
-            return parsed.with_api(upstream.api) if parsed is not None else path
+        if parsed is None:
+            def target() -> str:
+                return path
+        else:
+            caller_api, paths = parsed.api, {api: parsed.with_api(api) for api in API_VERSIONS}
+
+            def target() -> str:
+                # The runtime's APIs can change on reconnect, so the upstream path is chosen per call.
+                return paths[upstream.api_for(caller_api)]
 
         if method is None:
             return grpc.stream_stream_rpc_method_handler(self._bidi(upstream, target))

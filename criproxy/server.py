@@ -93,14 +93,14 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
     async def redetect() -> None:
         await runtime.detect_api()
         if image is not runtime:
-            await image.detect_image_api(runtime.api)
+            await image.detect_image_api()
 
     await redetect()
     runtime.start_watching(redetect)
     if image is not runtime:
-        image.start_watching(lambda: image.detect_image_api(runtime.api))
+        image.start_watching(image.detect_image_api)
     log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s", __version__, config.listen,
-             runtime.endpoint, runtime.api, image.endpoint)
+             runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint)
     return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode)
 
 

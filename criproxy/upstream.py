@@ -6,8 +6,9 @@ Notes:
   proxy serves again within a second of the runtime answering.
 - Calls are not wait-for-ready: while the runtime is down they fail at once with UNAVAILABLE
   (the kubelet retries), instead of hanging until their deadline.
-- Which API the runtime speaks is asked with Version at start and after every reconnect;
-  v1 wins when the runtime speaks both.
+- Which APIs the runtime speaks is asked with Version at start and after every reconnect.
+  A caller is served in its own API when the runtime has it, and bridged to the other one
+  when not (v1alpha2 kubelet -> v1-only runtime, v1 kubelet -> v1alpha2-only runtime).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import grpc.aio
 from criproxy import __version__
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.endpoints import Endpoint
+from criproxy.methods import API_VERSIONS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ class Upstream:
         self.endpoint = endpoint
         self.role = role
         self.channel = grpc.aio.insecure_channel(endpoint.target, options=channel_options(max_message_bytes))
-        #: The CRI API the runtime speaks ("v1" or "v1alpha2"); v1 until told otherwise.
+        #: The CRI APIs the runtime speaks, and the one to use for a caller's API it lacks (v1 preferred).
+        self.apis: frozenset[str] = frozenset(API_VERSIONS)
         self.api = "v1"
         self.runtime_version = ""
         self._unary: dict[str, RawUnary] = {}
@@ -86,10 +89,16 @@ class Upstream:
     def is_connected(self) -> bool:
         return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
 
+    def api_for(self, caller_api: str) -> str:
+        """The API to address for a caller speaking `caller_api`: its own when the runtime has it."""
+        return caller_api if caller_api in self.apis else self.api
+
     async def detect_api(self) -> str | None:
-        """Ask Version on v1, then v1alpha2; remember and return the API that answered (None: no answer)."""
+        """Ask Version on v1 and v1alpha2; remember which the runtime speaks. None: no answer at all."""
         request = api_pb2.VersionRequest(version="v1").SerializeToString()
-        for api in ("v1", "v1alpha2"):
+        spoken: list[str] = []
+        reply = api_pb2.VersionResponse()
+        for api in API_VERSIONS:
             try:
                 raw = await self.unary(f"/runtime.{api}.RuntimeService/Version")(request, timeout=DETECT_TIMEOUT_S)
             except grpc.aio.AioRpcError as err:
@@ -98,28 +107,36 @@ class Upstream:
                 log.warning("%s endpoint %s: Version failed: %s: %s", self.role, self.endpoint, err.code().name,
                             err.details())
                 return None
-            reply = api_pb2.VersionResponse.FromString(raw)
-            if api != self.api or reply.runtime_version != self.runtime_version:
-                log.info("%s endpoint %s speaks CRI %s (%s %s)", self.role, self.endpoint, api,
-                         reply.runtime_name, reply.runtime_version)
-            self.api, self.runtime_version = api, reply.runtime_version
-            return api
-        log.error("%s endpoint %s answers neither runtime.v1 nor runtime.v1alpha2 Version; is it a CRI runtime?",
-                  self.role, self.endpoint)
-        return None
+            spoken.append(api)
+            if len(spoken) == 1:
+                reply = api_pb2.VersionResponse.FromString(raw)
+        if not spoken:
+            log.error("%s endpoint %s answers neither runtime.v1 nor runtime.v1alpha2 Version; is it a CRI "
+                      "runtime?", self.role, self.endpoint)
+            return None
+        self._learned(spoken, f"{reply.runtime_name} {reply.runtime_version}")
+        self.runtime_version = reply.runtime_version
+        return self.api
 
-    async def detect_image_api(self, fallback: str) -> str:
-        """An image-only endpoint has no Version: probe ImageFsInfo instead; keep `fallback` on doubt."""
-        for api in ("v1", "v1alpha2"):
+    def _learned(self, spoken: list[str], what: str) -> None:
+        apis = frozenset(spoken)
+        if apis != self.apis:
+            log.info("%s endpoint %s (%s) speaks CRI %s", self.role, self.endpoint, what, " and ".join(spoken))
+        self.apis, self.api = apis, spoken[0]
+
+    async def detect_image_api(self) -> None:
+        """An image-only endpoint has no Version: probe ImageFsInfo on each API instead."""
+        spoken: list[str] = []
+        for api in API_VERSIONS:
             try:
                 await self.unary(f"/runtime.{api}.ImageService/ImageFsInfo")(b"", timeout=DETECT_TIMEOUT_S)
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    continue
-                return fallback
-            self.api = api
-            return api
-        return fallback
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return
+                continue
+            spoken.append(api)
+        if spoken:
+            self._learned(spoken, "image service")
 
     def start_watching(self, on_ready: Callable[[], Any]) -> None:
         """Follow the channel's state; call on_ready (sync or async) each time it becomes READY again."""

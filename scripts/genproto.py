@@ -44,7 +44,8 @@ def generate(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "criproxy" / "api", help="output root (default: criproxy/api)")
+    parser.add_argument("--out", type=Path, default=ROOT / "criproxy" / "api",
+                        help="output root (default: criproxy/api)")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path.relative_to(args.out))

@@ -16,12 +16,13 @@ import pytest
 
 from criproxy import __version__
 from tests.support.fakeruntime import FakeRuntime, Reply
+from tests.support.proxyproc import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def criproxy(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "criproxy", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "criproxy", *args], check=False, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -57,22 +58,6 @@ class Running:
         self.proc = proc
         self.socket = socket
         self.target = f"unix://{socket}"
-
-
-def wait_serving(proc: subprocess.Popen[str], socket: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"criproxy exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        if socket.exists():
-            with grpc.insecure_channel(f"unix://{socket}") as chan:
-                try:
-                    chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=2)
-                    return
-                except grpc.RpcError:
-                    pass
-        time.sleep(0.05)
-    raise AssertionError("criproxy did not start serving in time")
 
 
 @pytest.fixture

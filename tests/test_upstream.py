@@ -81,9 +81,13 @@ def test_v1alpha2_caller_in_front_of_a_v1_runtime(loop: LoopThread, v1_only_runt
         loop.run(proxy.stop(0))
 
 
-def test_runtime_speaking_both_is_addressed_in_v1(proxy: Proxy, fake: FakeRuntime, channel: grpc.Channel) -> None:
+def test_runtime_speaking_both_serves_each_caller_in_its_own_api(proxy: Proxy, fake: FakeRuntime,
+                                                                 channel: grpc.Channel) -> None:
+    assert proxy.runtime.apis == {"v1", "v1alpha2"}
     channel.unary_unary("/runtime.v1alpha2.RuntimeService/Status")(b"", timeout=5)
-    assert fake.received("RuntimeService/Status")[-1].path == "/runtime.v1.RuntimeService/Status"
+    channel.unary_unary("/runtime.v1.RuntimeService/Status")(b"", timeout=5)
+    assert [r.path for r in fake.received("RuntimeService/Status")] == [
+        "/runtime.v1alpha2.RuntimeService/Status", "/runtime.v1.RuntimeService/Status"]
 
 
 def test_runtime_down_is_unavailable_promptly_naming_the_endpoint(loop: LoopThread, sockdir: Path,
