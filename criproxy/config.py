@@ -16,8 +16,11 @@ from typing import Any
 
 import yaml
 
+from criproxy.annotations import DEFAULT_DOMAIN, Lookup, annotation_key_problem
 from criproxy.endpoints import Endpoint, parse_endpoint
 from criproxy.errors import ConfigError
+from criproxy.interceptors import BUILTIN, Interceptor, build_interceptors
+from criproxy.state import DEFAULT_MAX_ENTRIES
 
 MiB = 1024 * 1024
 #: The kubelet's own message limit; the proxy must carry at least what the kubelet accepts.
@@ -45,6 +48,12 @@ class ServeConfig:
     shutdown_grace_seconds: float = 10.0
     #: Python logging level name.
     log_level: str = "INFO"
+    #: The domain of criproxy's annotation keys (`<setting>.<domain>/pod`).
+    annotation_domain: str = DEFAULT_DOMAIN
+    #: The interceptors that run, in order (the config file's `interceptors:` list and sections).
+    interceptors: tuple[Interceptor, ...] = ()
+    #: How many containers the container index remembers before it evicts the least recently used.
+    container_cache_size: int = DEFAULT_MAX_ENTRIES
     #: The file the settings came from, for messages; None when only flags were used.
     config_file: Path | None = None
 
@@ -106,6 +115,20 @@ def _seconds(value: Any, where: str) -> float:
     return seconds
 
 
+def _domain(value: Any, where: str) -> str:
+    domain = _string(value, where)
+    problem = annotation_key_problem(f"x.{domain}/pod")
+    if problem is not None or "." not in domain:
+        raise ConfigError(f"{where}: {domain!r} is not a DNS domain such as criproxy.io or example.com")
+    return domain
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit() or not 100 <= int(str(value)) <= 10_000_000:
+        raise ConfigError(f"{where}: expected a whole number from 100 to 10000000, got {value!r}")
+    return int(str(value))
+
+
 def _log_level(value: Any, where: str) -> str:
     level = _string(value, where).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -146,7 +169,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown-grace-seconds", _seconds, "SECONDS",
             "on SIGTERM/SIGINT, how long in-flight calls may finish before they are cut (default 10)"),
     Setting("log-level", _log_level, "LEVEL", "debug, info, warning or error (default info)"),
+    Setting("annotation-domain", _domain, "DOMAIN",
+            f"domain of the annotation keys interceptors read, <setting>.DOMAIN/pod (default {DEFAULT_DOMAIN})"),
+    Setting("container-cache-size", _count, "N",
+            f"containers remembered for UpdateContainerResources before the least recently used is looked up "
+            f"again (default {DEFAULT_MAX_ENTRIES})"),
 )
+#: Config-file keys that are not flags: the interceptor list and one section per interceptor.
+FILE_ONLY_KEYS = ("interceptors", *BUILTIN)
 _BY_KEY = {s.key: s for s in SETTINGS}
 assert {s.attr for s in SETTINGS} <= {f.name for f in fields(ServeConfig)}
 
@@ -165,23 +195,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of settings at the top, got {type(data).__name__}")
-    unknown = sorted(str(k) for k in data if k not in _BY_KEY)
+    unknown = sorted(str(k) for k in data if k not in _BY_KEY and k not in FILE_ONLY_KEYS)
     if unknown:
         raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; known keys: "
-                          f"{', '.join(_BY_KEY)}")
+                          f"{', '.join([*_BY_KEY, *FILE_ONLY_KEYS])}")
     return {str(k): v for k, v in data.items()}
 
 
 def build_config(flags: Mapping[str, Any], config_file: Path | None) -> ServeConfig:
     """Merge defaults, the config file and command-line flags (by setting key) into a ServeConfig."""
     values: dict[str, Any] = {"listen": parse_endpoint(DEFAULT_LISTEN, what="--listen")}
-    if config_file is not None:
-        for key, raw in read_config_file(config_file).items():
-            setting = _BY_KEY[key]
-            if raw is not None:  # `key:` with no value leaves the default
-                values[setting.attr] = setting.parse(raw, f"config file {config_file}: {key}")
+    file: dict[str, Any] = read_config_file(config_file) if config_file is not None else {}
+    for key, raw in file.items():
+        if key in _BY_KEY and raw is not None:  # `key:` with no value leaves the default
+            values[_BY_KEY[key].attr] = _BY_KEY[key].parse(raw, f"config file {config_file}: {key}")
     for key, raw in flags.items():
         if raw is not None:
             setting = _BY_KEY[key]
             values[setting.attr] = setting.parse(raw, setting.flag)
+    names = file.get("interceptors")
+    where = f"config file {config_file}" if config_file is not None else "defaults"
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{where}: interceptors: expected a list of interceptor names, got {names!r}")
+    lookup = Lookup(values.get("annotation_domain", DEFAULT_DOMAIN))
+    values["interceptors"] = build_interceptors(names, file, lookup, where)
     return ServeConfig(config_file=config_file, **values)

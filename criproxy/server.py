@@ -8,17 +8,22 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from criproxy import __version__
+from criproxy.annotations import Lookup
 from criproxy.config import ServeConfig
 from criproxy.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
 from criproxy.errors import ConfigError
+from criproxy.pipeline import Pipeline
 from criproxy.relay import Hooks, Relay
 from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
-from criproxy.upstream import Upstream
+from criproxy.state import ContainerIndex
+from criproxy.upstream import Upstream, call_typed
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class Proxy:
     image: Upstream
     relay: Relay
     socket_inode: int
+    pipeline: Pipeline | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish for `grace` seconds, then close everything."""
@@ -70,8 +76,22 @@ class Proxy:
             await self.image.close()
 
 
+def build_pipeline(config: ServeConfig, runtime: Upstream) -> Pipeline | None:
+    """The configured interceptors as the relay's hooks; None when none are enabled (a pure proxy)."""
+    if not config.interceptors:
+        return None
+
+    async def caller(key: str, request: Message) -> Any:
+        return await call_typed(runtime, key, request)
+
+    return Pipeline(config.interceptors, lookup=Lookup(config.annotation_domain),
+                    index=ContainerIndex(config.container_cache_size), caller=caller)
+
+
 async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
-    """Connect to the runtime, bind the socket and start serving; raises ConfigError on bad setup."""
+    """Connect to the runtime, bind the socket and start serving; raises ConfigError on bad setup.
+
+    `hooks` replaces the pipeline built from the configured interceptors (tests use it)."""
     runtime_endpoint = config.runtime_endpoint or find_runtime_endpoint(config.listen)
     if runtime_endpoint.path == config.listen.path:
         raise ConfigError(f"--runtime-endpoint {runtime_endpoint} is the proxy's own --listen socket")
@@ -81,7 +101,8 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
         image = Upstream(config.image_endpoint, max_message_bytes=config.max_message_bytes, role="image")
 
     prepare_listen_path(config.listen.path)
-    relay = Relay(runtime, image, hooks)
+    pipeline = build_pipeline(config, runtime) if hooks is None else None
+    relay = Relay(runtime, image, hooks if hooks is not None else pipeline)
     server = grpc.aio.server(options=server_options(config.max_message_bytes))
     server.add_generic_rpc_handlers((relay,))
     temp = temporary_path(config.listen.path)
@@ -90,18 +111,20 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
     await server.start()
     inode = publish(temp, config.listen.path, config.socket_mode, config.socket_group)
 
-    async def redetect() -> None:
-        await runtime.detect_api()
-        if image is not runtime:
-            await image.detect_image_api()
+    async def on_connect() -> None:
+        if await runtime.detect_api() is not None and pipeline is not None:
+            await pipeline.refresh()
 
-    await redetect()
-    runtime.start_watching(redetect)
+    await on_connect()
+    runtime.start_watching(on_connect)
     if image is not runtime:
+        await image.detect_image_api()
         image.start_watching(image.detect_image_api)
-    log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s", __version__, config.listen,
-             runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint)
-    return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode)
+    log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s; interceptors: %s", __version__,
+             config.listen, runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint,
+             ", ".join(i.name for i in pipeline.interceptors) if pipeline is not None else "none")
+    return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode,
+                 pipeline=pipeline)
 
 
 async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:

@@ -20,11 +20,12 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from criproxy import __version__
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.endpoints import Endpoint
-from criproxy.methods import API_VERSIONS
+from criproxy.methods import API_VERSIONS, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +164,10 @@ class Upstream:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
         await self.channel.close(None)
+
+
+async def call_typed(upstream: Upstream, key: str, request: Message, timeout: float = DETECT_TIMEOUT_S) -> Message:
+    """Call a CRI method as the proxy itself (not on a caller's behalf), in the API the runtime speaks."""
+    method = METHODS[key]
+    raw = await upstream.unary(method.path(upstream.api))(request.SerializeToString(), timeout=timeout)
+    return method.response_type.FromString(raw)

@@ -1,0 +1,86 @@
+"""The one annotation lookup every interceptor uses, and Kubernetes annotation-key rules.
+
+A setting `S` in domain `D` (default criproxy.io) is read from these keys, first match wins:
+
+    S.D/container.<container name>   the named container only        (container scope)
+    S.D/pod                          every container of the pod      (pod scope)
+    S.D                              same as pod scope, shorter form
+
+For a pod-level decision (RunPodSandbox) only the last two apply. This is the precedence
+containerd's NRI plugins use. Each key is a valid Kubernetes annotation key: the part
+before the slash (`S.D`) is a DNS subdomain, so setting names are lower case
+(`hugepages-2mi`, not `hugepages-2Mi`), and the part after it is at most 63 characters, so
+a container-scope key exists only for container names of at most 53 characters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_DOMAIN = "criproxy.io"
+POD, CONTAINER = "pod", "container"
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+MAX_PREFIX, MAX_NAME = 253, 63
+
+
+def annotation_key_problem(key: str) -> str | None:
+    """Why `key` is not a valid Kubernetes annotation key, or None when it is."""
+    prefix, slash, name = key.rpartition("/")
+    problems = [
+        (bool(slash) and not prefix, "the prefix before '/' is empty"),
+        (len(prefix) > MAX_PREFIX, f"the prefix is longer than {MAX_PREFIX} characters"),
+        (bool(prefix) and not _DNS_SUBDOMAIN.match(prefix),
+         f"the prefix {prefix!r} is not a DNS subdomain (lower-case letters, digits, '-' and '.')"),
+        (not name, "the name is empty"),
+        (len(name) > MAX_NAME, f"the name {name!r} is longer than {MAX_NAME} characters"),
+        (bool(name) and not _NAME.match(name),
+         f"the name {name!r} must be letters, digits, '-', '_' or '.', starting and ending alphanumeric"),
+    ]
+    return next((why for failed, why in problems if failed), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """An annotation that answered a lookup."""
+
+    key: str
+    value: str
+    scope: str  # POD or CONTAINER
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Annotation keys for one domain."""
+
+    domain: str = DEFAULT_DOMAIN
+
+    def prefix(self, setting: str) -> str:
+        return f"{setting}.{self.domain}"
+
+    def keys(self, setting: str, container: str | None) -> list[tuple[str, str]]:
+        """(key, scope) in precedence order; `container` None asks for the pod-level decision."""
+        prefix = self.prefix(setting)
+        keys = [(f"{prefix}/container.{container}", CONTAINER)] if container else []
+        return [*keys, (f"{prefix}/pod", POD), (prefix, POD)]
+
+    def find(self, annotations: Mapping[str, str], setting: str, container: str | None) -> Found | None:
+        for key, scope in self.keys(setting, container):
+            value = annotations.get(key)
+            if value is not None:
+                return Found(key, value, scope)
+        return None
+
+    def container_scoped_keys(self, annotations: Mapping[str, str], setting: str) -> list[str]:
+        """Keys that address `setting` to some container (to refuse them for pod-only settings)."""
+        start = f"{self.prefix(setting)}/container."
+        return sorted(k for k in annotations if k.startswith(start))
+
+    def settings_present(self, annotations: Mapping[str, str]) -> list[str]:
+        """The keys in `annotations` that belong to this domain (any setting)."""
+        suffix, marker = f".{self.domain}", f".{self.domain}/"
+        return sorted(k for k in annotations if k.endswith(suffix) or marker in k)

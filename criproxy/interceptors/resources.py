@@ -1,0 +1,330 @@
+"""resources: CPU, memory, hugepage, OOM and cgroup v2 settings of a container, from annotations.
+
+Applied on CreateContainer and again on every UpdateContainerResources (the kubelet's in-place
+resize and CPU manager send those), so a kubelet update does not silently undo an annotation;
+the update itself is still forwarded. Settings, all container- or pod-scoped:
+
+| setting | value | CRI field (LinuxContainerResources) |
+| --- | --- | --- |
+| cpu-quota | CPUs as a quantity (`500m`, `2`), or `disable` | cpu_quota = CPUs x period (µs); disable = -1 |
+| cpu-period | microseconds, 1000 to 1000000 | cpu_period |
+| cpu-shares | 2 to 262144 | cpu_shares |
+| cpuset-cpus / cpuset-mems | list syntax, e.g. `0-3,8` | cpuset_cpus / cpuset_mems |
+| memory-limit | bytes as a quantity (`512Mi`), at least 4Mi | memory_limit_in_bytes |
+| memory-swap | bytes (memory plus swap), at least the memory limit | memory_swap_limit_in_bytes |
+| hugepages-<size> | bytes, a multiple of the page size; size lower case (`hugepages-2mi`) | hugepage_limits[<size>] |
+| oom-score-adj | -1000 to 1000 | oom_score_adj |
+| unified.<key> | the cgroup v2 file's value; key from `unified-keys` | unified[<key>] |
+
+By default an annotation may only tighten what the kubelet computed: lower a limit, narrow a
+cpuset, raise oom_score_adj. `allow-loosening` lists the settings that may also loosen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import grpc
+
+from criproxy.adjust import NOTHING, Adjustment, Change, Denial, read_field
+from criproxy.annotations import Found, Lookup
+from criproxy.context import CREATE_CONTAINER, UPDATE_CONTAINER_RESOURCES, CallContext
+from criproxy.interceptors.base import InvalidAnnotation
+from criproxy.options import Options
+from criproxy.quantity import QuantityError, parse_bytes, parse_quantity
+
+BASES = {CREATE_CONTAINER: "config.linux.resources.", UPDATE_CONTAINER_RESOURCES: "linux."}
+DEFAULT_PERIOD_US = 100_000
+MIN_MEMORY = 4 * 2**20
+MAX_CPU_ID = 8191
+_CPULIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+_HUGEPAGE_SETTING = re.compile(r"^hugepages-(\d+)(ki|mi|gi)$")
+_UNIFIED_KEY = re.compile(r"^[a-z0-9]+(\.[a-z0-9_]+)+$")
+_PAGE_UNITS = {"ki": ("KB", 2**10), "mi": ("MB", 2**20), "gi": ("GB", 2**30)}
+
+
+def _integer(found: Found, low: int, high: int, what: str) -> int:
+    text = found.value.strip()
+    if not re.fullmatch(r"[+-]?\d{1,10}", text) or not low <= int(text) <= high:
+        raise InvalidAnnotation(found.key, found.value, f"expected {what}, an integer from {low} to {high}")
+    return int(text)
+
+
+def parse_cpu_period(found: Found) -> int:
+    return _integer(found, 1000, 1_000_000, "the CFS period in microseconds")
+
+
+def parse_cpu_shares(found: Found) -> int:
+    return _integer(found, 2, 262_144, "CPU shares")
+
+
+def parse_oom_score_adj(found: Found) -> int:
+    return _integer(found, -1000, 1000, "an OOM score adjustment")
+
+
+def parse_cpu_quota(found: Found, period: int) -> int:
+    """CPUs as a quantity, times the period, in µs; `disable` is -1 (no quota)."""
+    if found.value.strip() == "disable":
+        return -1
+    accepted = "expected CPUs as a quantity (e.g. 500m, 1.5, 2) or disable"
+    try:
+        cpus = parse_quantity(found.value.strip())
+    except QuantityError:
+        raise InvalidAnnotation(found.key, found.value, accepted) from None
+    quota = cpus * period
+    if cpus <= 0 or quota < 1000:
+        raise InvalidAnnotation(found.key, found.value,
+                                f"{accepted}; at a {period} µs period the least is {Fraction(1000, period)} CPUs")
+    if quota > 2**40:
+        raise InvalidAnnotation(found.key, found.value, f"{accepted}; {cpus} CPUs is not a plausible limit")
+    return int(quota)
+
+
+def parse_cpuset(found: Found) -> str:
+    text = found.value.strip()
+    accepted = f"expected a CPU/NUMA node list such as 0-3,8 (ascending ranges, ids up to {MAX_CPU_ID})"
+    if not _CPULIST.match(text):
+        raise InvalidAnnotation(found.key, found.value, accepted)
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        if int(low) > MAX_CPU_ID or (high and not int(low) <= int(high) <= MAX_CPU_ID):
+            raise InvalidAnnotation(found.key, found.value, accepted)
+    return text
+
+
+def cpuset_ids(text: str) -> set[int]:
+    ids: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        ids.update(range(int(low), int(high or low) + 1))
+    return ids
+
+
+def parse_memory(found: Found, minimum: int, what: str) -> int:
+    accepted = f"expected {what} as a quantity of bytes (e.g. 512Mi, 2Gi), at least {minimum}"
+    try:
+        value = parse_bytes(found.value.strip())
+    except QuantityError:
+        raise InvalidAnnotation(found.key, found.value, accepted) from None
+    if value < minimum or value > 2**62:
+        raise InvalidAnnotation(found.key, found.value, accepted)
+    return value
+
+
+def hugepage_size(setting: str) -> tuple[str, int] | None:
+    """('2MB', 2097152) for 'hugepages-2mi'; None when `setting` is not a hugepages setting."""
+    match = _HUGEPAGE_SETTING.match(setting)
+    if match is None:
+        return None
+    unit, factor = _PAGE_UNITS[match.group(2)]
+    return f"{match.group(1)}{unit}", int(match.group(1)) * factor
+
+
+@dataclass(frozen=True, slots=True)
+class ResourcesConfig:
+    #: Settings whose annotation may also loosen what the kubelet set ('*' for all).
+    allow_loosening: frozenset[str] = frozenset()
+    #: cgroup v2 files `unified.<key>` may set (none by default; cgroup v1 nodes have none).
+    unified_keys: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str) -> ResourcesConfig:
+        opts = Options(data, where, {"allow-loosening", "unified-keys"})
+        loosening = opts.string_list("allow-loosening")
+        for name in loosening:
+            if name != "*" and name not in FIXED_SETTINGS and not hugepage_size(name) and not name.startswith(
+                    "unified."):
+                raise opts.error("allow-loosening", f"{name!r} is not a resources setting; known: "
+                                 f"{', '.join(FIXED_SETTINGS)}, hugepages-<size>, unified.<key>, *")
+        keys = opts.string_list("unified-keys")
+        for key in keys:
+            if not _UNIFIED_KEY.match(key):
+                raise opts.error("unified-keys", f"{key!r} is not a cgroup v2 file name such as memory.high")
+        return cls(allow_loosening=frozenset(loosening), unified_keys=frozenset(keys))
+
+    def may_loosen(self, setting: str) -> bool:
+        return "*" in self.allow_loosening or setting in self.allow_loosening
+
+
+def _limit_tighter(old: int, new: int) -> bool:
+    """For limits where 0 (or less) means none: a new limit is tighter when it is no higher."""
+    return old <= 0 or 0 < new <= old
+
+
+FIXED_SETTINGS = ("cpu-quota", "cpu-period", "cpu-shares", "cpuset-cpus", "cpuset-mems", "memory-limit",
+                  "memory-swap", "oom-score-adj")
+
+
+@dataclass(frozen=True, slots=True)
+class _Proposal:
+    setting: str
+    field: str
+    value: Any
+    found: Found
+
+
+class ResourcesInterceptor:
+    name = "resources"
+    events = frozenset(BASES)
+
+    def __init__(self, config: ResourcesConfig, lookup: Lookup) -> None:
+        self.config = config
+        self.lookup = lookup
+
+    def adjust(self, ctx: CallContext) -> Adjustment:
+        base = BASES[ctx.method]
+        annotations, container = ctx.pod.annotations, ctx.container
+
+        def find(setting: str) -> Found | None:
+            return self.lookup.find(annotations, setting, container)
+
+        def current(name: str) -> Any:
+            return read_field(ctx.request, base + name)
+
+        proposals = self._fixed(find, current) + self._variable(annotations, find)
+        if not proposals:
+            return NOTHING
+        denial = self._loosening(ctx, proposals, current)
+        if denial is not None:
+            return denial.as_adjustment()
+        return Adjustment(changes=tuple(
+            Change(base + p.field, p.value, p.setting, p.found.key, p.found.value) for p in proposals
+            if current(p.field) != p.value))
+
+    def _fixed(self, find: Callable[[str], Found | None], current: Callable[[str], Any]) -> list[_Proposal]:
+        out: list[_Proposal] = []
+        period = DEFAULT_PERIOD_US
+        if (found := find("cpu-period")) is not None:
+            period = parse_cpu_period(found)
+            out.append(_Proposal("cpu-period", "cpu_period", period, found))
+        elif current("cpu_period") > 0:
+            period = current("cpu_period")
+        if (found := find("cpu-quota")) is not None:
+            out.append(_Proposal("cpu-quota", "cpu_quota", parse_cpu_quota(found, period), found))
+        if (found := find("cpu-shares")) is not None:
+            out.append(_Proposal("cpu-shares", "cpu_shares", parse_cpu_shares(found), found))
+        for setting, field in (("cpuset-cpus", "cpuset_cpus"), ("cpuset-mems", "cpuset_mems")):
+            if (found := find(setting)) is not None:
+                out.append(_Proposal(setting, field, parse_cpuset(found), found))
+        memory = current("memory_limit_in_bytes")
+        if (found := find("memory-limit")) is not None:
+            memory = parse_memory(found, MIN_MEMORY, "a memory limit")
+            out.append(_Proposal("memory-limit", "memory_limit_in_bytes", memory, found))
+        if (found := find("memory-swap")) is not None:
+            swap = parse_memory(found, max(memory, MIN_MEMORY), "memory plus swap")
+            out.append(_Proposal("memory-swap", "memory_swap_limit_in_bytes", swap, found))
+        if (found := find("oom-score-adj")) is not None:
+            out.append(_Proposal("oom-score-adj", "oom_score_adj", parse_oom_score_adj(found), found))
+        return out
+
+    def _variable(self, annotations: Mapping[str, str], find: Callable[[str], Found | None]) -> list[_Proposal]:
+        out: list[_Proposal] = []
+        for setting in self._variable_settings(annotations):
+            found = find(setting)
+            if found is None:
+                continue  # addressed to another container
+            page = hugepage_size(setting)
+            if page is not None:
+                limit = parse_memory(found, 0, f"a {page[0]} hugepage limit")
+                if limit % page[1]:
+                    raise InvalidAnnotation(found.key, found.value, f"expected a multiple of the {page[0]} page size")
+                out.append(_Proposal(setting, f"hugepage_limits[{page[0]}]", limit, found))
+                continue
+            key = setting[len("unified."):]
+            if key not in self.config.unified_keys:
+                allowed = ", ".join(sorted(self.config.unified_keys)) or "none are configured"
+                raise InvalidAnnotation(found.key, found.value,
+                                        f"cgroup v2 key {key!r} is not allowed (resources.unified-keys: {allowed})")
+            value = found.value.strip()
+            if not value or len(value) > 256 or any(c in value for c in "\n\r\x00"):
+                raise InvalidAnnotation(found.key, found.value, "expected a single-line value of at most 256 bytes")
+            out.append(_Proposal(setting, f"unified[{key}]", value, found))
+        return out
+
+    def _variable_settings(self, annotations: Mapping[str, str]) -> list[str]:
+        suffix = "." + self.lookup.domain
+        names = set()
+        for key in annotations:
+            prefix = key.partition("/")[0]
+            if prefix.endswith(suffix):
+                setting = prefix[: -len(suffix)]
+                if setting.startswith("unified.") or hugepage_size(setting) or setting.startswith("hugepages-"):
+                    names.add(setting)
+        bad = sorted(n for n in names if n.startswith("hugepages-") and hugepage_size(n) is None)
+        if bad:
+            key = next(k for k in annotations if k.startswith(f"{bad[0]}{suffix}"))
+            raise InvalidAnnotation(key, annotations[key], "hugepages settings are named hugepages-<n>ki|mi|gi, "
+                                    "lower case, e.g. hugepages-2mi")
+        return sorted(names)
+
+    def _loosening(self, ctx: CallContext, proposals: list[_Proposal],
+                   current: Callable[[str], Any]) -> Denial | None:
+        for p in proposals:
+            if self.config.may_loosen(p.setting):
+                continue
+            old = current(p.field)
+            if not self._tighter(p, old, proposals, current):
+                return Denial(
+                    f"criproxy: {ctx.who}: annotation {p.found.key}={p.found.value!r} would loosen "
+                    f"{p.field} from {old!r} (set by the kubelet) to {p.value!r}; annotations may only tighten "
+                    f"resources unless the resources interceptor's allow-loosening lists {p.setting}",
+                    grpc.StatusCode.PERMISSION_DENIED)
+        return None
+
+    def _tighter(self, p: _Proposal, old: Any, proposals: list[_Proposal], current: Callable[[str], Any]) -> bool:
+        if p.setting in ("cpu-quota", "cpu-period"):
+            return _cpu_ratio_tighter(proposals, current)
+        rule = _TIGHTER.get(p.setting)
+        if rule is None:
+            rule = _hugepage_tighter if p.field.startswith("hugepage_limits[") else _unified_tighter(p.field)
+        return rule(old, p.value)
+
+
+def _subset(old: str, new: str) -> bool:
+    return not old or cpuset_ids(new) <= cpuset_ids(old)
+
+
+def _hugepage_tighter(old: int | None, new: int) -> bool:
+    return old is None or new <= old  # the kubelet sets 0 (none) for sizes a pod did not request
+
+
+def _unified_tighter(field: str) -> Callable[[Any, Any], bool]:
+    """A value the kubelet did not set may be added; a `.max`/`.high` limit may be lowered ('max' is
+    unlimited); any other change of the kubelet's own value is loosening."""
+    key = field[len("unified["):-1]
+
+    def rule(old: str | None, new: str) -> bool:
+        if old is None or new == old:
+            return True
+        return key.endswith((".max", ".high")) and _unified_limit(new) <= _unified_limit(old)
+
+    return rule
+
+
+_TIGHTER: dict[str, Callable[[Any, Any], bool]] = {
+    "memory-limit": _limit_tighter,
+    "memory-swap": _limit_tighter,
+    "cpu-shares": lambda old, new: old <= 0 or new <= old,
+    "oom-score-adj": lambda old, new: new >= old,  # a higher score is killed sooner
+    "cpuset-cpus": _subset,
+    "cpuset-mems": _subset,
+}
+
+
+def _unified_limit(value: str) -> float:
+    first = value.split(maxsplit=1)[0] if value.strip() else ""
+    return float("inf") if first == "max" or not first.isdigit() else float(first)
+
+
+def _cpu_ratio_tighter(proposals: list[_Proposal], current: Callable[[str], Any]) -> bool:
+    """Quota and period together: the CPU time per period after must not exceed what it was."""
+    values = {p.field: p.value for p in proposals}
+    old_q, old_p = current("cpu_quota"), current("cpu_period") or DEFAULT_PERIOD_US
+    new_q, new_p = values.get("cpu_quota", old_q), values.get("cpu_period", old_p)
+    if old_q <= 0:
+        return True
+    return bool(new_q > 0 and Fraction(new_q, new_p) <= Fraction(old_q, old_p))
