@@ -23,8 +23,8 @@ DEFAULT_DOMAIN = "criproxy.io"
 POD, CONTAINER = "pod", "container"
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
-_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 MAX_PREFIX, MAX_NAME = 253, 63
 
 
@@ -34,11 +34,11 @@ def annotation_key_problem(key: str) -> str | None:
     problems = [
         (bool(slash) and not prefix, "the prefix before '/' is empty"),
         (len(prefix) > MAX_PREFIX, f"the prefix is longer than {MAX_PREFIX} characters"),
-        (bool(prefix) and not _DNS_SUBDOMAIN.match(prefix),
+        (bool(prefix) and not _DNS_SUBDOMAIN.fullmatch(prefix),
          f"the prefix {prefix!r} is not a DNS subdomain (lower-case letters, digits, '-' and '.')"),
         (not name, "the name is empty"),
         (len(name) > MAX_NAME, f"the name {name!r} is longer than {MAX_NAME} characters"),
-        (bool(name) and not _NAME.match(name),
+        (bool(name) and not _NAME.fullmatch(name),
          f"the name {name!r} must be letters, digits, '-', '_' or '.', starting and ending alphanumeric"),
     ]
     return next((why for failed, why in problems if failed), None)
@@ -81,6 +81,6 @@ class Lookup:
         return sorted(k for k in annotations if k.startswith(start))
 
     def settings_present(self, annotations: Mapping[str, str]) -> list[str]:
-        """The keys in `annotations` that belong to this domain (any setting)."""
-        suffix, marker = f".{self.domain}", f".{self.domain}/"
-        return sorted(k for k in annotations if k.endswith(suffix) or marker in k)
+        """The keys in `annotations` that belong to this domain (any setting): `<setting>.<domain>[/...]`."""
+        suffix = f".{self.domain}"
+        return sorted(k for k in annotations if k.partition("/")[0].endswith(suffix))

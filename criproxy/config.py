@@ -117,7 +117,8 @@ def _seconds(value: Any, where: str) -> float:
 
 def _domain(value: Any, where: str) -> str:
     domain = _string(value, where)
-    problem = annotation_key_problem(f"x.{domain}/pod")
+    # The longest fixed setting name must still make a valid key prefix (253 characters at most).
+    problem = annotation_key_problem(f"runtime-handler.{domain}/pod")
     if problem is not None or "." not in domain:
         raise ConfigError(f"{where}: {domain!r} is not a DNS domain such as criproxy.io or example.com")
     return domain

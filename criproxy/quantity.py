@@ -14,7 +14,7 @@ _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei"
 _DECIMAL = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
             "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
             "P": Fraction(10**15), "E": Fraction(10**18)}
-_QUANTITY = re.compile(r"^([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]{1,3})?$")
+_QUANTITY = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]{1,3})?")
 MAX_LENGTH = 64
 
 
@@ -26,17 +26,17 @@ def parse_quantity(text: str) -> Fraction:
     """The exact value of a Kubernetes quantity string."""
     if len(text) > MAX_LENGTH:
         raise QuantityError(f"{text[:MAX_LENGTH]!r}... is too long for a quantity")
-    match = _QUANTITY.match(text)
+    match = _QUANTITY.fullmatch(text)
     if match is None:
         raise QuantityError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 2, 1.5, 512Mi, 2Gi, 1e3)")
     sign, number, suffix = match.group(1), match.group(2), match.group(3) or ""
     value = Fraction(number)
     if suffix in _BINARY:
         value *= _BINARY[suffix]
-    elif suffix[:1] in ("e", "E"):
-        value *= Fraction(10) ** int(suffix[1:])
-    else:
+    elif suffix in _DECIMAL:  # 'E' alone is exa; 'E3' is an exponent
         value *= _DECIMAL[suffix]
+    else:
+        value *= Fraction(10) ** int(suffix[1:])
     return -value if sign == "-" else value
 
 

@@ -5,8 +5,11 @@ Notes:
   in `Hooks.decoded` are decoded, handed to the hooks, and re-encoded (unknown fields kept).
 - Which methods are unary or server-streaming comes from the descriptors (criproxy.methods).
   A path the table does not know (a newer CRI, another service on the runtime's socket) is
-  forwarded as a bidirectional stream: every gRPC call shape fits in one, so the proxy needs
-  no knowledge of it to relay it faithfully.
+  served as a bidirectional stream, a shape every gRPC call fits in. A caller that sends one
+  request and half-closes (a unary or server-streaming call: every CRI method is one) is
+  relayed as a unary-stream call, which carries either answer; only a truly streaming caller
+  gets a streaming call upstream. (gRPC Python turns the status of a call into INTERNAL when
+  a request written to it races the runtime's early answer, e.g. UNIMPLEMENTED.)
 - Metadata goes upstream as received (traceparent included, user-agent excepted: the channel
   sets its own); the caller's remaining deadline becomes the upstream deadline; the runtime's
   initial metadata, status code, details and trailing metadata come back unchanged.
@@ -17,6 +20,7 @@ Notes:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 
 Metadata = Sequence[tuple[str, str | bytes]]
 _DROPPED_METADATA = frozenset({"user-agent"})
+#: How long an unknown method's caller may take to half-close after its first request and still be
+#: relayed as a single-request call (unary or server-streaming; every CRI method is one of those).
+SINGLE_REQUEST_WAIT_S = 0.05
 
 
 @dataclass(slots=True)
@@ -103,6 +110,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.image = image
         self.hooks: Hooks = hooks if hooks is not None else NoHooks()
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
+        self._pumps: set[asyncio.Task[None]] = set()  # request copiers of unknown methods, kept alive
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
         path: str = handler_call_details.method
@@ -179,12 +187,66 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _bidi(self, upstream: Upstream,
               target: Callable[[], str]) -> Callable[[AsyncIterator[bytes], Any], Awaitable[None]]:
+        pumps = self._pumps
+
         async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-            call = upstream.bidi(target())(requests, metadata=forwardable_metadata(context),
-                                           timeout=context.time_remaining())
+            metadata, timeout = forwardable_metadata(context), context.time_remaining()
+            first, rest = await read_single_request(requests)
+            if rest is None and first is not None:
+                # One request, then the caller half-closed: a unary or server-streaming call. A
+                # unary-stream call upstream carries both shapes and sends the request in one step.
+                await relay_stream(upstream, upstream.stream(target())(first, metadata=metadata, timeout=timeout),
+                                   context)
+                return
+            call = upstream.bidi(target())(metadata=metadata, timeout=timeout)  # type: ignore[call-arg]
+            # A streaming caller: its requests are copied upstream by a task of ours, never cancelled
+            # (cancelling a pending read fails the caller's whole call in gRPC core); it ends with the call.
+            pump = asyncio.get_running_loop().create_task(copy_requests(first, rest, call))
+            pumps.add(pump)
+            pump.add_done_callback(pumps.discard)
             await relay_stream(upstream, call, context)
 
         return handle
+
+
+_END = object()
+
+
+async def read_single_request(requests: AsyncIterator[bytes]) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
+    """The caller's first request, and None when it then half-closed (at once, or within
+    SINGLE_REQUEST_WAIT_S); else the iterator holding the rest, the second request first."""
+    iterator = aiter(requests)
+    first = await anext(iterator, None)
+    if first is None:
+        return None, None
+    second = asyncio.ensure_future(anext(iterator, _END))
+    await asyncio.wait([second], timeout=SINGLE_REQUEST_WAIT_S)
+    if second.done() and second.result() is _END:
+        return first, None
+
+    async def rest() -> AsyncIterator[bytes]:
+        message = await second
+        if message is _END:
+            return
+        assert isinstance(message, bytes)
+        yield message
+        async for more in iterator:
+            yield more
+
+    return first, rest()
+
+
+async def copy_requests(first: bytes | None, rest: AsyncIterator[bytes] | None, call: Any) -> None:
+    """Write a streaming caller's requests upstream, then half-close."""
+    try:
+        if first is not None:
+            await call.write(first)
+        if rest is not None:
+            async for request in rest:
+                await call.write(request)
+        await call.done_writing()
+    except Exception as err:  # the runtime ended the call first: the caller hears the runtime's status
+        log.debug("request stream ended early: %r", err)
 
 
 async def relay_stream(upstream: Upstream, call: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:

@@ -10,11 +10,14 @@ the update itself is still forwarded. Settings, all container- or pod-scoped:
 | cpu-period | microseconds, 1000 to 1000000 | cpu_period |
 | cpu-shares | 2 to 262144 | cpu_shares |
 | cpuset-cpus / cpuset-mems | list syntax, e.g. `0-3,8` | cpuset_cpus / cpuset_mems |
-| memory-limit | bytes as a quantity (`512Mi`), at least 4Mi | memory_limit_in_bytes |
+| memory-limit | bytes as a quantity (`512Mi`), at least 4Mi | memory_limit_in_bytes (and swap, see below) |
 | memory-swap | bytes (memory plus swap), at least the memory limit | memory_swap_limit_in_bytes |
 | hugepages-<size> | bytes, a multiple of the page size; size lower case (`hugepages-2mi`) | hugepage_limits[<size>] |
 | oom-score-adj | -1000 to 1000 | oom_score_adj |
 | unified.<key> | the cgroup v2 file's value; key from `unified-keys` | unified[<key>] |
+
+Where the kubelet allowed no swap (memory_swap_limit_in_bytes equal to the memory limit), a
+memory-limit annotation moves the swap limit with it, so lowering memory does not grant swap.
 
 By default an annotation may only tighten what the kubelet computed: lower a limit, narrow a
 cpuset, raise oom_score_adj. `allow-loosening` lists the settings that may also loosen.
@@ -41,10 +44,11 @@ BASES = {CREATE_CONTAINER: "config.linux.resources.", UPDATE_CONTAINER_RESOURCES
 DEFAULT_PERIOD_US = 100_000
 MIN_MEMORY = 4 * 2**20
 MAX_CPU_ID = 8191
-_CPULIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-_HUGEPAGE_SETTING = re.compile(r"^hugepages-(\d+)(ki|mi|gi)$")
-_UNIFIED_KEY = re.compile(r"^[a-z0-9]+(\.[a-z0-9_]+)+$")
-_PAGE_UNITS = {"ki": ("KB", 2**10), "mi": ("MB", 2**20), "gi": ("GB", 2**30)}
+_CPULIST = re.compile(r"[0-9]{1,5}(-[0-9]{1,5})?(,[0-9]{1,5}(-[0-9]{1,5})?)*")
+_HUGEPAGE_SETTING = re.compile(r"hugepages-([0-9]{1,7})(ki|mi|gi)")
+_UNIFIED_KEY = re.compile(r"[a-z0-9]+(\.[a-z0-9-]+)+")
+_PAGE_UNITS = {"ki": 2**10, "mi": 2**20, "gi": 2**30}
+_PAGE_NAMES = ("KB", "MB", "GB", "TB", "PB")
 
 
 def _integer(found: Found, low: int, high: int, what: str) -> int:
@@ -87,7 +91,7 @@ def parse_cpu_quota(found: Found, period: int) -> int:
 def parse_cpuset(found: Found) -> str:
     text = found.value.strip()
     accepted = f"expected a CPU/NUMA node list such as 0-3,8 (ascending ranges, ids up to {MAX_CPU_ID})"
-    if not _CPULIST.match(text):
+    if not _CPULIST.fullmatch(text):
         raise InvalidAnnotation(found.key, found.value, accepted)
     for part in text.split(","):
         low, _, high = part.partition("-")
@@ -117,11 +121,17 @@ def parse_memory(found: Found, minimum: int, what: str) -> int:
 
 def hugepage_size(setting: str) -> tuple[str, int] | None:
     """('2MB', 2097152) for 'hugepages-2mi'; None when `setting` is not a hugepages setting."""
-    match = _HUGEPAGE_SETTING.match(setting)
+    match = _HUGEPAGE_SETTING.fullmatch(setting)
     if match is None:
         return None
-    unit, factor = _PAGE_UNITS[match.group(2)]
-    return f"{match.group(1)}{unit}", int(match.group(1)) * factor
+    size = int(match.group(1)) * _PAGE_UNITS[match.group(2)]
+    if size == 0:
+        return None
+    # Named as the kubelet names page sizes for the runtime: the largest unit that divides evenly.
+    number, unit = size // 1024, 0
+    while number % 1024 == 0 and unit < len(_PAGE_NAMES) - 1:
+        number, unit = number // 1024, unit + 1
+    return f"{number}{_PAGE_NAMES[unit]}", size
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +143,7 @@ class ResourcesConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> ResourcesConfig:
-        opts = Options(data, where, {"allow-loosening", "unified-keys"})
+        opts = Options(data, where, ("allow-loosening", "unified-keys"))
         loosening = opts.string_list("allow-loosening")
         for name in loosening:
             if name != "*" and name not in FIXED_SETTINGS and not hugepage_size(name) and not name.startswith(
@@ -142,8 +152,9 @@ class ResourcesConfig:
                                  f"{', '.join(FIXED_SETTINGS)}, hugepages-<size>, unified.<key>, *")
         keys = opts.string_list("unified-keys")
         for key in keys:
-            if not _UNIFIED_KEY.match(key):
-                raise opts.error("unified-keys", f"{key!r} is not a cgroup v2 file name such as memory.high")
+            if not _UNIFIED_KEY.fullmatch(key):
+                raise opts.error("unified-keys", f"{key!r} is not a cgroup v2 file name usable in an annotation key "
+                                 "(lower-case letters, digits, '-' and '.', e.g. memory.high)")
         return cls(allow_loosening=frozenset(loosening), unified_keys=frozenset(keys))
 
     def may_loosen(self, setting: str) -> bool:
@@ -196,29 +207,44 @@ class ResourcesInterceptor:
             if current(p.field) != p.value))
 
     def _fixed(self, find: Callable[[str], Found | None], current: Callable[[str], Any]) -> list[_Proposal]:
+        out = self._cpu(find, current)
+        for setting, field in (("cpuset-cpus", "cpuset_cpus"), ("cpuset-mems", "cpuset_mems")):
+            if (found := find(setting)) is not None:
+                out.append(_Proposal(setting, field, parse_cpuset(found), found))
+        out += self._memory(find, current)
+        if (found := find("oom-score-adj")) is not None:
+            out.append(_Proposal("oom-score-adj", "oom_score_adj", parse_oom_score_adj(found), found))
+        return out
+
+    @staticmethod
+    def _cpu(find: Callable[[str], Found | None], current: Callable[[str], Any]) -> list[_Proposal]:
         out: list[_Proposal] = []
-        period = DEFAULT_PERIOD_US
+        period = current("cpu_period") or DEFAULT_PERIOD_US
         if (found := find("cpu-period")) is not None:
             period = parse_cpu_period(found)
             out.append(_Proposal("cpu-period", "cpu_period", period, found))
-        elif current("cpu_period") > 0:
-            period = current("cpu_period")
         if (found := find("cpu-quota")) is not None:
             out.append(_Proposal("cpu-quota", "cpu_quota", parse_cpu_quota(found, period), found))
         if (found := find("cpu-shares")) is not None:
             out.append(_Proposal("cpu-shares", "cpu_shares", parse_cpu_shares(found), found))
-        for setting, field in (("cpuset-cpus", "cpuset_cpus"), ("cpuset-mems", "cpuset_mems")):
-            if (found := find(setting)) is not None:
-                out.append(_Proposal(setting, field, parse_cpuset(found), found))
+        return out
+
+    @staticmethod
+    def _memory(find: Callable[[str], Found | None], current: Callable[[str], Any]) -> list[_Proposal]:
+        out: list[_Proposal] = []
         memory = current("memory_limit_in_bytes")
-        if (found := find("memory-limit")) is not None:
-            memory = parse_memory(found, MIN_MEMORY, "a memory limit")
-            out.append(_Proposal("memory-limit", "memory_limit_in_bytes", memory, found))
+        if (limit := find("memory-limit")) is not None:
+            memory = parse_memory(limit, MIN_MEMORY, "a memory limit")
+            out.append(_Proposal("memory-limit", "memory_limit_in_bytes", memory, limit))
         if (found := find("memory-swap")) is not None:
             swap = parse_memory(found, max(memory, MIN_MEMORY), "memory plus swap")
             out.append(_Proposal("memory-swap", "memory_swap_limit_in_bytes", swap, found))
-        if (found := find("oom-score-adj")) is not None:
-            out.append(_Proposal("oom-score-adj", "oom_score_adj", parse_oom_score_adj(found), found))
+        elif limit is not None:
+            # The swap limit counts memory plus swap. Where the kubelet allowed no swap (equal limits),
+            # or the new memory limit would exceed it (runc refuses that), it follows the memory limit.
+            old_memory, old_swap = current("memory_limit_in_bytes"), current("memory_swap_limit_in_bytes")
+            if old_swap > 0 and (old_swap == old_memory or old_swap < memory):
+                out.append(_Proposal("memory-limit", "memory_swap_limit_in_bytes", memory, limit))
         return out
 
     def _variable(self, annotations: Mapping[str, str], find: Callable[[str], Found | None]) -> list[_Proposal]:
@@ -317,7 +343,7 @@ _TIGHTER: dict[str, Callable[[Any, Any], bool]] = {
 
 def _unified_limit(value: str) -> float:
     first = value.split(maxsplit=1)[0] if value.strip() else ""
-    return float("inf") if first == "max" or not first.isdigit() else float(first)
+    return float(first) if first.isascii() and first.isdigit() else float("inf")
 
 
 def _cpu_ratio_tighter(proposals: list[_Proposal], current: Callable[[str], Any]) -> bool:

@@ -24,13 +24,13 @@ from criproxy.interceptors.base import InvalidAnnotation
 from criproxy.options import Options
 
 SETTING = "runtime-handler"
-_HANDLER = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_HANDLER = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 ACCEPTED = "expected a runtime handler name (a DNS label: lower-case letters, digits and '-', at most 63)"
 
 
 def parse_handler(key: str, raw: str) -> str:
     value = raw.strip()
-    if not _HANDLER.match(value):
+    if not _HANDLER.fullmatch(value):
         raise InvalidAnnotation(key, raw, ACCEPTED)
     return value
 
@@ -41,18 +41,21 @@ class RuntimeHandlerConfig:
     default: str = ""
     #: Handlers to accept when the runtime does not report its own.
     known: frozenset[str] = frozenset()
+    #: Whether an annotation may replace the handler the pod's RuntimeClass chose (normally a denial).
+    override_runtime_class: bool = False
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> RuntimeHandlerConfig:
-        opts = Options(data, where, {"default", "known"})
+        opts = Options(data, where, ("default", "known", "override-runtime-class"))
         default = opts.string("default", "")
-        if default and not _HANDLER.match(default):
+        if default and not _HANDLER.fullmatch(default):
             raise opts.error("default", f"{default!r}: {ACCEPTED}")
         known = opts.string_list("known")
         for name in known:
-            if not _HANDLER.match(name):
+            if not _HANDLER.fullmatch(name):
                 raise opts.error("known", f"{name!r}: {ACCEPTED}")
-        return cls(default=default, known=frozenset(known))
+        return cls(default=default, known=frozenset(known),
+                   override_runtime_class=opts.boolean("override-runtime-class", False))
 
 
 class RuntimeHandlerInterceptor:
@@ -79,6 +82,11 @@ class RuntimeHandlerInterceptor:
             return NOTHING
         if value == requested:
             return NOTHING
+        if requested and key and not self.config.override_runtime_class:
+            return Denial(
+                f"criproxy: {ctx.who}: annotation {key}={raw!r} asks for runtime handler {value!r}, but the pod's "
+                f"RuntimeClass chose {requested!r}; an annotation does not override a RuntimeClass unless "
+                f"{SETTING}.override-runtime-class is true", grpc.StatusCode.PERMISSION_DENIED).as_adjustment()
         known, source = self._known(ctx)
         if known is None:
             return Adjustment(changes=(Change("runtime_handler", value, SETTING, key, raw),), warnings=(
@@ -89,7 +97,8 @@ class RuntimeHandlerInterceptor:
             accepted = f"the runtime has no handler {value!r}; known handlers: {names} (from {source})"
             if key:
                 raise InvalidAnnotation(key, raw, accepted)
-            denial = Denial(f"criproxy: configured default {accepted}", grpc.StatusCode.FAILED_PRECONDITION)
+            denial = Denial(f"criproxy: {ctx.who}: the configured default runtime handler {value!r} cannot be "
+                            f"used: {accepted}", grpc.StatusCode.FAILED_PRECONDITION)
             return denial.as_adjustment()
         return Adjustment(changes=(Change("runtime_handler", value, SETTING, key, raw),))
 

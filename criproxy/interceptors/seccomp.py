@@ -39,7 +39,7 @@ class SeccompConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> SeccompConfig:
-        opts = Options(data, where, {"profile-root", "legacy-annotations"})
+        opts = Options(data, where, ("profile-root", "legacy-annotations"))
         root = opts.string("profile-root", DEFAULT_ROOT)
         if not os.path.isabs(root):
             raise opts.error("profile-root", f"{root!r} must be an absolute path")

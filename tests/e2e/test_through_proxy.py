@@ -29,9 +29,18 @@ def outcome(endpoint: str, path: str, request: bytes, streaming: bool) -> tuple[
             return err.code(), err.details(), []
 
 
+def test_same_images_as_containerd(containerd: Containerd, proxy: ProxyProcess) -> None:
+    def images(endpoint: str) -> list[bytes]:
+        raw = raw_unary(endpoint, "/runtime.v1.ImageService/ListImages", b"")
+        # containerd lists in no fixed order; compare the entries, each byte for byte.
+        return sorted(image.SerializeToString() for image in api_pb2.ListImagesResponse.FromString(raw).images)
+
+    assert images(proxy.endpoint) == images(containerd.endpoint)
+    assert len(images(proxy.endpoint)) == 2
+
+
 @pytest.mark.parametrize(("path", "request_bytes"), [
     ("/runtime.v1.RuntimeService/Version", api_pb2.VersionRequest(version="v1").SerializeToString()),
-    ("/runtime.v1.ImageService/ListImages", b""),
     ("/runtime.v1.ImageService/ImageStatus",
      api_pb2.ImageStatusRequest(image=api_pb2.ImageSpec(image=BUSYBOX_IMAGE)).SerializeToString()),
     ("/runtime.v1alpha2.RuntimeService/Version", b""),
