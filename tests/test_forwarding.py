@@ -216,3 +216,23 @@ def test_proxy_fixture_is_what_serves(proxy: Proxy, fake: FakeRuntime, channel: 
     raw = channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
     assert api_pb2.VersionResponse.FromString(raw).runtime_name == "fake-runtime"
     assert proxy.runtime.api == "v1"
+
+
+def test_unknown_streaming_caller_gets_a_stream_upstream(fake: FakeRuntime, channel: grpc.Channel) -> None:
+    path = "/runtime.v1.RuntimeService/UploadSomethingNew"
+    fake.add_path(path, "bidi")
+    fake.script(path, Reply(messages=[b"ack"]))
+    response = channel.stream_unary(path)(iter([b"one", b"two", b"three"]), timeout=5)
+    assert response == b"ack"
+    assert fake.received(path)[-1].requests == [b"one", b"two", b"three"]
+
+
+def test_unknown_method_with_an_early_runtime_error_keeps_its_status(fake: FakeRuntime,
+                                                                    channel: grpc.Channel) -> None:
+    path = "/runtime.v1.RuntimeService/RejectedAtOnce"
+    fake.add_path(path, "unary")
+    fake.script(path, Reply(code=grpc.StatusCode.FAILED_PRECONDITION, details="not now"))
+    for _ in range(20):  # the race this guards against was timing-dependent
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary(path)(b"x", timeout=5)
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, "not now")
