@@ -84,3 +84,46 @@ class Lookup:
         """The keys in `annotations` that belong to this domain (any setting): `<setting>.<domain>[/...]`."""
         suffix = f".{self.domain}"
         return sorted(k for k in annotations if k.partition("/")[0].endswith(suffix))
+
+
+#: Every setting criproxy's interceptors read, with how policy compares its values:
+#: 'cpus', 'bytes' and 'integer' values are quantities (min/max apply); the rest are strings.
+SETTING_KINDS: dict[str, str] = {
+    "runtime-handler": "string",
+    "seccomp-profile": "string",
+    "cpu-quota": "cpus",
+    "cpu-period": "integer",
+    "cpu-shares": "integer",
+    "cpuset-cpus": "string",
+    "cpuset-mems": "string",
+    "memory-limit": "bytes",
+    "memory-swap": "bytes",
+    "oom-score-adj": "integer",
+}
+#: Families of settings named by a prefix: hugepages-<size> (bytes) and unified.<cgroup key> (strings).
+SETTING_FAMILIES: dict[str, str] = {"hugepages-": "bytes", "unified.": "string"}
+#: Settings whose effective value (whoever set it: an annotation or the kubelet) policy can check.
+EFFECTIVE_SETTINGS = ("runtime-handler", "seccomp-profile")
+
+
+def setting_kind(setting: str) -> str | None:
+    """How policy compares values of `setting`; None when criproxy has no such setting."""
+    kind = SETTING_KINDS.get(setting)
+    if kind is not None:
+        return kind
+    return next((k for prefix, k in SETTING_FAMILIES.items() if setting.startswith(prefix) and
+                 len(setting) > len(prefix)), None)
+
+
+def setting_of(key: str, domain: str) -> tuple[str, str | None] | None:
+    """(setting, container name or None for pod scope) for a key of `domain`; None for other keys."""
+    prefix, slash, name = key.partition("/")
+    suffix = "." + domain
+    if not prefix.endswith(suffix):
+        return None
+    setting = prefix[: -len(suffix)]
+    if not slash or name == "pod":
+        return setting, None
+    if name.startswith("container.") and len(name) > len("container."):
+        return setting, name[len("container."):]
+    return setting, ""  # a key of the domain with an unknown scope: '' names no container

@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in SETTINGS:
         serve.add_argument(setting.flag, dest=setting.attr, metavar=setting.metavar, help=setting.help)
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of the settings above")
+
+    policy = commands.add_parser("policy", help="work with policy files")
+    policy_commands = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    check = policy_commands.add_parser(
+        "check", help="check policy files", description="Check policy files. Exit status 0 when every file is "
+        "valid, 1 when any is not (every problem listed as file:line: key: why).")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+
+    explain = commands.add_parser(
+        "explain", help="show what the proxy would do to the pods of a manifest",
+        description="Show, per pod and container of a Kubernetes manifest (Pod, Deployment, StatefulSet, "
+        "DaemonSet, ReplicaSet, Job, CronJob, or a List of them), the adjustments and denials criproxy would "
+        "apply, and the rule responsible. Exit status 0 when every call would be allowed, 1 when any would be "
+        "denied or fail, 2 on bad input.", epilog="Example: criproxy explain --policies policies.yaml pod.yaml")
+    explain.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
+    explain.add_argument("--policies", type=Path, metavar="FILE", help="policy file (default: none, allow all)")
+    explain.add_argument("--config", type=Path, metavar="FILE", help="criproxy config file (interceptors)")
+    explain.add_argument("--namespace", "-n", default="default", help="namespace of objects that name none")
+    explain.add_argument("--output", "-o", choices=("text", "json"), default="text")
     return parser
 
 
@@ -61,6 +80,50 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_check(args: argparse.Namespace) -> int:
+    from criproxy.policies.model import check_policy
+
+    failed = False
+    for path in args.files:
+        try:
+            problems = [str(p) for p in check_policy(path.read_bytes(), str(path))]
+        except OSError as err:
+            problems = [f"{path}: cannot read it: {err.strerror}"]
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{path}: {'invalid, ' + str(len(problems)) + ' problem(s)' if problems else 'ok'}")
+        failed = failed or bool(problems)
+    return 1 if failed else 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from criproxy.annotations import Lookup
+    from criproxy.explain import explain_pod, load_manifest, render_json, render_text
+    from criproxy.pipeline import Pipeline
+    from criproxy.policies.store import load_policy
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="criproxy explain: %(message)s")
+    config = build_config({}, args.config)
+    lookup = Lookup(config.annotation_domain)
+    pipeline = Pipeline(config.interceptors, lookup=lookup, on_decisions=lambda ctx, decisions: None)
+    if args.policies is not None:
+        pipeline.policy = load_policy(args.policies, lookup)
+    results = []
+    for path in args.manifests:
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
+        for pod in load_manifest(text, str(path), args.namespace):
+            results.append((pod, asyncio.run(explain_pod(pod, pipeline))))
+    render = render_json if args.output == "json" else render_text
+    sys.stdout.write(render(results, pipeline.policy.identity))
+    return 1 if any(call.result != "allowed" for _, calls in results for call in calls) else 0
+
+
+COMMANDS = {"serve": _serve, "policy": _policy_check, "explain": _explain}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return _serve(args)
+        return COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"criproxy: {err}", file=sys.stderr)
         return 2

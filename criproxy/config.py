@@ -54,6 +54,8 @@ class ServeConfig:
     interceptors: tuple[Interceptor, ...] = ()
     #: How many containers the container index remembers before it evicts the least recently used.
     container_cache_size: int = DEFAULT_MAX_ENTRIES
+    #: The policies file; None: every enabled interceptor's changes stand (no policy).
+    policies: Path | None = None
     #: The file the settings came from, for messages; None when only flags were used.
     config_file: Path | None = None
 
@@ -130,6 +132,13 @@ def _count(value: Any, where: str) -> int:
     return int(str(value))
 
 
+def _file(value: Any, where: str) -> Path:
+    path = Path(_string(value, where))
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    return path
+
+
 def _log_level(value: Any, where: str) -> str:
     level = _string(value, where).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -172,6 +181,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log-level", _log_level, "LEVEL", "debug, info, warning or error (default info)"),
     Setting("annotation-domain", _domain, "DOMAIN",
             f"domain of the annotation keys interceptors read, <setting>.DOMAIN/pod (default {DEFAULT_DOMAIN})"),
+    Setting("policies", _file, "FILE",
+            "policies.yaml: which namespaces may use which annotations and values; watched and reloaded "
+            "(also on SIGHUP). Without it every enabled interceptor's changes stand"),
     Setting("container-cache-size", _count, "N",
             f"containers remembered for UpdateContainerResources before the least recently used is looked up "
             f"again (default {DEFAULT_MAX_ENTRIES})"),

@@ -45,6 +45,11 @@ class CallContext:
     container: str | None
     request: Message
     runtime: RuntimeFacts = RuntimeFacts()
+    #: Annotation keys in pod.annotations that policy added as defaults (the pod did not carry them).
+    injected: frozenset[str] = frozenset()
+    #: CreateContainer/UpdateContainerResources: the criproxy annotations the pod had when its sandbox
+    #: was created (None when not known), to detect annotations changed since.
+    pinned: Mapping[str, str] | None = None
 
     @property
     def who(self) -> str:

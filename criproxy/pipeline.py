@@ -2,31 +2,43 @@
 propose, has policy review it, and applies it to the request before it goes upstream.
 
 Notes:
-- Only methods some interceptor subscribes to are decoded (plus RemoveContainer and
-  RemovePodSandbox, to keep the container index, when an interceptor needs the index).
-- Interceptors run in the configured order. Each returns an Adjustment; the pipeline records
-  who proposed each change, and two interceptors setting the same field is a conflict that
-  fails the call (FAILED_PRECONDITION) naming both: the configuration must decide.
+- Only methods some interceptor subscribes to are decoded, plus RunPodSandbox, CreateContainer,
+  RemoveContainer and RemovePodSandbox to keep the container index (UpdateContainerResources
+  carries only a container id; drift checks need the sandbox's pinned annotations).
+- Policy first adds its defaults to the pod's annotations (the pod's own win). Interceptors then
+  run in the configured order; each returns an Adjustment. The pipeline records who proposed
+  each change; two interceptors setting the same field is a conflict that fails the call
+  (FAILED_PRECONDITION) naming both: the configuration must decide.
 - An annotation an interceptor cannot use fails the call with INVALID_ARGUMENT naming the pod,
   the key, the raw value and what is accepted; a denial fails it with the denial's code. A
   failed call is never sent to the runtime.
-- An interceptor that raises anything else fails the call closed (INTERNAL): a request the
-  proxy could not check is never forwarded.
+- An interceptor that raises anything else, or runs past its deadline, fails the call closed
+  (INTERNAL / DEADLINE_EXCEEDED) unless policy says that interceptor fails open (then its
+  adjustment is skipped and the skip recorded). A synchronous interceptor cannot be stopped
+  while it runs: its overrun is judged when it returns. One that may block must be async.
+- Policy reviews the merged changes once, with the pod and the rule that matches it.
 - What was applied is stamped on the request as the `<domain>/applied` annotation (JSON), so
-  `crictl inspectp` / `crictl inspect` show who changed which field, from what, to what.
+  `crictl inspectp` / `crictl inspect` show who changed which field, from what, to what. A
+  sandbox whose pod carries criproxy annotations also gets `<domain>/pinned`: those annotations
+  as they were, so later changes to them (drift) can be told apart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from criproxy.adjust import Adjustment, Change, Denial, apply_change, provenance, read_field
+from criproxy.adjust import NOTHING, Adjustment, Change, Denial, apply_change, provenance, read_field
 from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.context import (
@@ -34,12 +46,19 @@ from criproxy.context import (
     RUN_POD_SANDBOX,
     UPDATE_CONTAINER_RESOURCES,
     CallContext,
-    PodInfo,
     RuntimeFacts,
 )
-from criproxy.errors import CriProxyError, FailedPrecondition, Internal, InvalidArgument, PermissionDenied
+from criproxy.errors import (
+    CriProxyError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+)
 from criproxy.interceptors.base import Interceptor, InvalidAnnotation
-from criproxy.policies import AllowAll, Policy
+from criproxy.policies import DENIED, FAILED_OPEN, AllowAll, Decision, Policy
+from criproxy.policies.engine import pinned_annotations
 from criproxy.relay import Call
 from criproxy.state import Caller, ContainerIndex, ContainerInfo, discover_runtime_facts, pod_info
 
@@ -49,41 +68,87 @@ REMOVE_CONTAINER = "RuntimeService/RemoveContainer"
 REMOVE_POD_SANDBOX = "RuntimeService/RemovePodSandbox"
 _ERRORS: dict[Any, type[CriProxyError]] = {e.code: e for e in (InvalidArgument, PermissionDenied, FailedPrecondition)}
 
+#: Receives every call's decisions (the decision log and metrics subscribe here).
+DecisionSink = Callable[[CallContext, Sequence[Decision]], None]
+
+
+def log_decisions(ctx: CallContext, decisions: Sequence[Decision]) -> None:
+    for d in decisions:
+        log.info("%s %s: %s %s%s (rule %s, %s mode): %s", ctx.method, ctx.who, d.action, d.setting or "call",
+                 f" {d.key}={d.value!r}" if d.key else "", d.rule or "-", d.mode, d.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the pipeline decided for one call: the context as interceptors saw it (with policy
+    defaults), the changes to apply, a denial, and every decision."""
+
+    ctx: CallContext
+    changes: tuple[Change, ...]
+    denial: Denial | None
+    decisions: tuple[Decision, ...]
+    modify: bool = True
+
 
 class Pipeline:
     """The relay's Hooks for the enabled interceptors."""
 
     def __init__(self, interceptors: Sequence[Interceptor], *, lookup: Lookup, policy: Policy | None = None,
-                 index: ContainerIndex | None = None, caller: Caller | None = None) -> None:
+                 index: ContainerIndex | None = None, caller: Caller | None = None,
+                 on_decisions: DecisionSink = log_decisions) -> None:
         self.interceptors = tuple(interceptors)
         self.lookup = lookup
+        #: The policy in force; replaced whole (never mutated) on reload, read once per call.
         self.policy: Policy = policy if policy is not None else AllowAll()
         self.index = index if index is not None else ContainerIndex()
         self.caller = caller
+        self.on_decisions = on_decisions
         #: What the runtime told of itself; replaced (not mutated) on every reconnect.
         self.facts = RuntimeFacts()
         events = frozenset().union(*(i.events for i in self.interceptors))
-        self.uses_index = UPDATE_CONTAINER_RESOURCES in events
+        self.uses_index = bool(events)
         indexing = {CREATE_CONTAINER, RUN_POD_SANDBOX, REMOVE_CONTAINER, REMOVE_POD_SANDBOX}
         self.decoded: frozenset[str] = events | (indexing if self.uses_index else set())
         self._by_event = {e: tuple(i for i in self.interceptors if e in i.events) for e in events}
         self._applied_key = f"{lookup.domain}/applied"
+        self._pinned_key = f"{lookup.domain}/pinned"
 
     async def before(self, call: Call, request: Message) -> Message:
-        key = call.method.key
-        interceptors = self._by_event.get(key)
-        if not interceptors:
+        if call.method.key not in self._by_event:
             return request
-        ctx = await self._context(key, request)
+        ctx = await self._context(call.method.key, request)
         if ctx is None:
             return request
-        changes = self._merge(ctx, [(i, self._run(i, ctx)) for i in interceptors])
-        review = self.policy.review(ctx, changes)
-        if review.denial is not None:
-            raise _denied(review.denial)
-        if review.changes:
-            self._apply(ctx, request, list(review.changes))
+        outcome = await self.decide(ctx)
+        if outcome.decisions:
+            self.on_decisions(outcome.ctx, outcome.decisions)
+        if outcome.denial is not None:
+            raise _denied(outcome.denial)
+        if outcome.changes:
+            self._apply(outcome.ctx, request, list(outcome.changes))
+        if ctx.method == RUN_POD_SANDBOX and outcome.modify:
+            self._pin(outcome.ctx, request)
         return request
+
+    async def decide(self, ctx: CallContext) -> Outcome:
+        """Everything the pipeline decides about one call, without changing the request.
+        Raises CriProxyError for what fails the call outside policy (bad annotations, conflicts,
+        interceptors failing closed)."""
+        policy = self.policy  # one policy for the whole call, even if a reload lands meanwhile
+        defaults = policy.defaults(ctx)
+        if defaults:
+            added = {k: v for k, v in defaults.items() if k not in ctx.pod.annotations}
+            ctx = replace(ctx, pod=replace(ctx.pod, annotations={**ctx.pod.annotations, **added}),
+                          injected=frozenset(added))
+        skipped: list[Decision] = []
+        results = [(i, await self._run(i, ctx, policy, skipped)) for i in self._by_event.get(ctx.method, ())]
+        for interceptor, adjustment in results:
+            if adjustment.denial is not None:
+                denied = Decision(DENIED, "", "", interceptor.name, "", "", adjustment.denial.reason)
+                return Outcome(ctx, (), adjustment.denial, (*skipped, denied))
+        changes = self._merge(ctx, results)
+        review = policy.review(ctx, changes)
+        return Outcome(ctx, review.changes, review.denial, (*skipped, *review.decisions), review.modify)
 
     async def refresh(self) -> None:
         """Re-learn the runtime (handlers) and the node (container index); called on every (re)connect."""
@@ -124,37 +189,69 @@ class Pipeline:
         if key == CREATE_CONTAINER:
             s = request.sandbox_config
             return CallContext(key, pod_info(s.metadata, s.labels, s.annotations), request.config.metadata.name,
-                               request, self.facts)
-        if key == UPDATE_CONTAINER_RESOURCES:
-            info = self.index.container(request.container_id)
-            if info is None and self.caller is not None:
-                info = await self.index.resolve(request.container_id, self.caller)
-            if info is None:
-                log.warning("UpdateContainerResources for unknown container %s: forwarded unchanged (the runtime "
-                            "decides)", request.container_id)
-                return None
-            return CallContext(key, info.pod, info.name, request, self.facts)
-        return CallContext(key, PodInfo("", "", ""), None, request, self.facts)
+                               request, self.facts, pinned=self._pinned(request.pod_sandbox_id))
+        assert key == UPDATE_CONTAINER_RESOURCES
+        info = self.index.container(request.container_id)
+        if info is None and self.caller is not None:
+            info = await self.index.resolve(request.container_id, self.caller)
+        if info is None:
+            log.warning("UpdateContainerResources for unknown container %s: forwarded unchanged (the runtime "
+                        "decides)", request.container_id)
+            return None
+        return CallContext(key, info.pod, info.name, request, self.facts, pinned=self._pinned(info.sandbox_id))
 
-    def _run(self, interceptor: Interceptor, ctx: CallContext) -> Adjustment:
+    def _pinned(self, sandbox_id: str) -> dict[str, str] | None:
+        sandbox = self.index.sandbox(sandbox_id)
+        text = sandbox.annotations.get(self._pinned_key) if sandbox is not None else None
+        if text is None:
+            return None
         try:
-            return interceptor.adjust(ctx)
-        except InvalidAnnotation as err:
+            pinned = json.loads(text)
+        except ValueError:
+            return None
+        return {str(k): str(v) for k, v in pinned.items()} if isinstance(pinned, dict) else None
+
+    async def _run(self, interceptor: Interceptor, ctx: CallContext, policy: Policy,
+                   skipped: list[Decision]) -> Adjustment:
+        failure = policy.failure(interceptor.name)
+        started = time.monotonic()
+        try:
+            result: Any = interceptor.adjust(ctx)
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, failure.timeout_seconds)
+            elif time.monotonic() - started > failure.timeout_seconds:
+                raise TimeoutError
+            assert isinstance(result, Adjustment), f"{interceptor.name} returned {result!r}, not an Adjustment"
+            return result
+        except InvalidAnnotation as err:  # the pod's fault, not the interceptor's: never fails open
             raise InvalidArgument(f"criproxy: {ctx.who}: {err}") from err
+        except TimeoutError as err:
+            why = f"ran past its {failure.timeout_seconds:g} s deadline"
+            if failure.on_error == "open":
+                return self._failed_open(interceptor, ctx, why, skipped)
+            raise DeadlineExceeded(f"criproxy: interceptor {interceptor.name} {why} on {ctx.who}; the call was "
+                                   "not forwarded") from err
         except Exception as err:
             log.exception("interceptor %s failed on %s for %s", interceptor.name, ctx.method, ctx.who)
+            if failure.on_error == "open":
+                return self._failed_open(interceptor, ctx, f"failed: {err!r}", skipped)
             raise Internal(f"criproxy: interceptor {interceptor.name} failed on {ctx.who}: {err!r}; the call was "
                            "not forwarded") from err
+
+    @staticmethod
+    def _failed_open(interceptor: Interceptor, ctx: CallContext, why: str, skipped: list[Decision]) -> Adjustment:
+        log.warning("interceptor %s %s on %s for %s; failing open (its adjustment is skipped)", interceptor.name,
+                    why, ctx.method, ctx.who)
+        skipped.append(Decision(FAILED_OPEN, "", "", interceptor.name, "", "", f"interceptor {why}"))
+        return NOTHING
 
     def _merge(self, ctx: CallContext, results: list[tuple[Interceptor, Adjustment]]) -> list[Change]:
         owners: dict[str, Change] = {}
         for interceptor, adjustment in results:
             for warning in adjustment.warnings:
                 log.warning("%s: %s", interceptor.name, warning)
-            if adjustment.denial is not None:
-                raise _denied(adjustment.denial)
             for change in adjustment.changes:
-                mine = Change(change.path, change.value, change.setting, change.key, change.raw, interceptor.name)
+                mine = replace(change, by=interceptor.name)
                 other = owners.get(change.path)
                 if other is not None:
                     raise FailedPrecondition(
@@ -171,10 +268,15 @@ class Pipeline:
         stamp = provenance(changes, before)
         if ctx.method == UPDATE_CONTAINER_RESOURCES:
             request.annotations[self._applied_key] = stamp
-        else:
-            request.config.annotations[self._applied_key] = stamp
-        log.info("%s %s: applied %s", ctx.method, ctx.who,
-                 ", ".join(f"{c.path}={c.value!r} (by {c.by} from {c.key or 'config'})" for c in changes))
+            return
+        request.config.annotations[self._applied_key] = stamp
+
+    def _pin(self, ctx: CallContext, request: Any) -> None:
+        """Record on the sandbox the criproxy annotations its pod has now (none: the pod stays untouched)."""
+        pinned = pinned_annotations({k: v for k, v in ctx.pod.annotations.items() if k not in ctx.injected},
+                                    self.lookup.domain)
+        if pinned != "{}":
+            request.config.annotations[self._pinned_key] = pinned
 
 
 def _denied(denial: Denial) -> CriProxyError:

@@ -20,6 +20,8 @@ from criproxy.config import ServeConfig
 from criproxy.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
 from criproxy.errors import ConfigError
 from criproxy.pipeline import Pipeline
+from criproxy.policies import Policy
+from criproxy.policies.store import PolicyStore
 from criproxy.relay import Hooks, Relay
 from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
 from criproxy.state import ContainerIndex
@@ -64,10 +66,13 @@ class Proxy:
     relay: Relay
     socket_inode: int
     pipeline: Pipeline | None = None
+    policies: PolicyStore | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish for `grace` seconds, then close everything."""
         grace = self.config.shutdown_grace_seconds if grace is None else grace
+        if self.policies is not None:
+            await self.policies.stop()
         # Unlink first: a new proxy (or the kubelet's reconnect) must not find a socket nobody serves.
         remove_if_ours(self.config.listen.path, self.socket_inode)
         await self.server.stop(grace)
@@ -88,6 +93,21 @@ def build_pipeline(config: ServeConfig, runtime: Upstream) -> Pipeline | None:
                     index=ContainerIndex(config.container_cache_size), caller=caller)
 
 
+def load_policies(config: ServeConfig, pipeline: Pipeline | None) -> PolicyStore | None:
+    """The policy store for --policies, applying each version to the pipeline; None without a file."""
+    if config.policies is None:
+        return None
+    if pipeline is None:
+        log.warning("--policies %s given, but no interceptor is enabled: the policy has nothing to govern",
+                    config.policies)
+
+    def apply(policy: Policy) -> None:
+        if pipeline is not None:
+            pipeline.policy = policy
+
+    return PolicyStore(config.policies, Lookup(config.annotation_domain), apply)
+
+
 async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
     """Connect to the runtime, bind the socket and start serving; raises ConfigError on bad setup.
 
@@ -102,6 +122,7 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
 
     prepare_listen_path(config.listen.path)
     pipeline = build_pipeline(config, runtime) if hooks is None else None
+    policies = load_policies(config, pipeline)
     relay = Relay(runtime, image, hooks if hooks is not None else pipeline)
     server = grpc.aio.server(options=server_options(config.max_message_bytes))
     server.add_generic_rpc_handlers((relay,))
@@ -123,8 +144,10 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
     log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s; interceptors: %s", __version__,
              config.listen, runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint,
              ", ".join(i.name for i in pipeline.interceptors) if pipeline is not None else "none")
+    if policies is not None:
+        policies.start_watching()
     return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode,
-                 pipeline=pipeline)
+                 pipeline=pipeline, policies=policies)
 
 
 async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
@@ -134,11 +157,13 @@ async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if proxy.policies is not None:
+        loop.add_signal_handler(signal.SIGHUP, proxy.policies.reload, "SIGHUP")
     try:
         await stop.wait()
         log.info("stopping: draining in-flight calls for up to %.1f s", config.shutdown_grace_seconds)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await proxy.stop()

@@ -1,0 +1,231 @@
+"""`criproxy explain`: what the proxy would do to the pods of a Kubernetes manifest, offline.
+
+The manifest's pods are turned into the RunPodSandbox and CreateContainer requests a kubelet
+would send (see `pod_requests`; the resources follow the kubelet's own arithmetic, with the
+approximations noted there), then run through the same pipeline `criproxy serve` runs: the
+configured interceptors and the policy. Nothing is sent anywhere. The runtime's handlers are
+not known offline, so the runtime-handler interceptor checks against its configured `known`
+list only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import yaml
+from google.protobuf.message import Message
+
+from criproxy.adjust import apply_change, read_field
+from criproxy.api.runtime.v1 import api_pb2
+from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.errors import ConfigError, CriProxyError
+from criproxy.interceptors.resources import hugepage_size
+from criproxy.pipeline import Pipeline
+from criproxy.quantity import QuantityError, parse_quantity
+from criproxy.state import pod_info
+
+#: Workload kinds and where their pod template sits.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "Deployment": ("spec", "template"), "StatefulSet": ("spec", "template"), "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"), "Job": ("spec", "template"), "ReplicationController": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+KUBELET_SECCOMP_ROOT = "/var/lib/kubelet/seccomp"
+CFS_PERIOD_US = 100_000
+
+
+@dataclass
+class Pod:
+    """One pod template of the manifest."""
+
+    source: str  # e.g. 'Deployment shop/web'
+    namespace: str
+    name: str
+    metadata: Mapping[str, Any]
+    spec: Mapping[str, Any]
+
+
+def pods_of(documents: list[Any], where: str, namespace: str) -> list[Pod]:
+    out: list[Pod] = []
+    for i, doc in enumerate(documents):
+        for item in (doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]):
+            if item is None:
+                continue
+            out.append(_pod_of(item, f"{where} (document {i + 1})", namespace))
+    if not out:
+        raise ConfigError(f"{where}: no Pod or workload (Deployment, StatefulSet, DaemonSet, Job, CronJob, ...) found")
+    return out
+
+
+def _pod_of(item: Any, where: str, namespace: str) -> Pod:
+    if not isinstance(item, dict) or "kind" not in item:
+        raise ConfigError(f"{where}: not a Kubernetes object (no kind)")
+    kind, meta = item["kind"], item.get("metadata") or {}
+    ns = meta.get("namespace") or namespace
+    if kind == "Pod":
+        template: Any = item
+    elif kind in TEMPLATES:
+        template = item
+        for step in TEMPLATES[kind]:
+            template = template.get(step) if isinstance(template, dict) else None
+        if not isinstance(template, dict):
+            raise ConfigError(f"{where}: {kind} {meta.get('name', '?')} has no {'.'.join(TEMPLATES[kind])}")
+    else:
+        raise ConfigError(f"{where}: kind {kind} has no pods; expected Pod or one of {', '.join(TEMPLATES)}")
+    tmeta = template.get("metadata") or {}
+    name = tmeta.get("name") or meta.get("name") or "unnamed"
+    spec = template.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("containers"), list):
+        raise ConfigError(f"{where}: {kind} {name} has no spec.containers")
+    return Pod(f"{kind} {ns}/{meta.get('name', name)}", ns, name, tmeta, spec)
+
+
+def _strings(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (value or {}).items()}
+
+
+def _seccomp(profile: Any) -> api_pb2.SecurityProfile:
+    """The SecurityProfile a kubelet sends for a seccompProfile (none: Unconfined, the Kubernetes default)."""
+    kind = (profile or {}).get("type", "Unconfined")
+    if kind == "RuntimeDefault":
+        return api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.RuntimeDefault)
+    if kind == "Localhost":
+        ref = f"{KUBELET_SECCOMP_ROOT}/{(profile or {}).get('localhostProfile', '')}"
+        return api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.Localhost, localhost_ref=ref)
+    return api_pb2.SecurityProfile(profile_type=api_pb2.SecurityProfile.Unconfined)
+
+
+def _quantity(value: Any, where: str) -> Fraction:
+    try:
+        return parse_quantity(str(value))
+    except QuantityError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def container_resources(container: Mapping[str, Any], qos: str, where: str) -> api_pb2.LinuxContainerResources:
+    """LinuxContainerResources as a kubelet computes them (cgroup v1, no swap). Approximation: a
+    Burstable container's oom_score_adj depends on the node's memory, unknown here; 999 is used."""
+    resources = container.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    out = api_pb2.LinuxContainerResources(cpu_period=CFS_PERIOD_US, oom_score_adj={"Guaranteed": -997,
+                                                                                     "BestEffort": 1000}.get(qos, 999))
+    cpu_request = requests.get("cpu", limits.get("cpu"))
+    out.cpu_shares = max(2, int(_quantity(cpu_request, where) * 1024)) if cpu_request is not None else 2
+    if "cpu" in limits:
+        out.cpu_quota = max(1000, int(_quantity(limits["cpu"], where) * CFS_PERIOD_US))
+    if "memory" in limits:
+        out.memory_limit_in_bytes = out.memory_swap_limit_in_bytes = int(_quantity(limits["memory"], where))
+    for name, value in limits.items():
+        page = hugepage_size(str(name).lower())
+        if page is not None:
+            out.hugepage_limits.add(page_size=page[0], limit=int(_quantity(value, where)))
+    return out
+
+
+def qos_class(containers: list[Mapping[str, Any]]) -> str:
+    limits_all, any_set = True, False
+    for c in containers:
+        r = c.get("resources") or {}
+        limits, requests = r.get("limits") or {}, r.get("requests") or {}
+        any_set = any_set or bool(limits or requests)
+        for res in ("cpu", "memory"):
+            if res not in limits or str(requests.get(res, limits[res])) != str(limits[res]):
+                limits_all = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if limits_all else "Burstable"
+
+
+def pod_requests(pod: Pod) -> Iterator[tuple[str, str | None, Message]]:
+    """(method, container name, request) in the order a kubelet sends them."""
+    security = pod.spec.get("securityContext") or {}
+    sandbox = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name=pod.name, namespace=pod.namespace, uid=f"explain-{pod.name}"),
+        labels=_strings(pod.metadata.get("labels")), annotations=_strings(pod.metadata.get("annotations")))
+    sandbox.linux.security_context.seccomp.CopyFrom(_seccomp(security.get("seccompProfile")))
+    yield RUN_POD_SANDBOX, None, api_pb2.RunPodSandboxRequest(
+        config=sandbox, runtime_handler=str(pod.spec.get("runtimeClassName") or ""))
+    containers = [*(pod.spec.get("initContainers") or []), *pod.spec["containers"]]
+    qos = qos_class(list(pod.spec["containers"]))
+    for container in containers:
+        name = str(container.get("name", ""))
+        where = f"{pod.source} container {name}"
+        config = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name=name),
+                                         image=api_pb2.ImageSpec(image=str(container.get("image", ""))))
+        config.linux.resources.CopyFrom(container_resources(container, qos, where))
+        profile = (container.get("securityContext") or {}).get("seccompProfile") or security.get("seccompProfile")
+        config.linux.security_context.seccomp.CopyFrom(_seccomp(profile))
+        yield CREATE_CONTAINER, name, api_pb2.CreateContainerRequest(pod_sandbox_id=f"explain-{pod.name}",
+                                                                     config=config, sandbox_config=sandbox)
+
+
+@dataclass
+class Explained:
+    method: str
+    container: str | None
+    result: str  # allowed | denied | error
+    status: str = "OK"
+    message: str = ""
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def explain_pod(pod: Pod, pipeline: Pipeline) -> list[Explained]:
+    out = []
+    for method, container, request in pod_requests(pod):
+        s = request.sandbox_config if method == CREATE_CONTAINER else request.config  # type: ignore[attr-defined]
+        ctx = CallContext(method, pod_info(s.metadata, s.labels, s.annotations), container, request, pipeline.facts)
+        try:
+            outcome = await pipeline.decide(ctx)
+        except CriProxyError as err:
+            out.append(Explained(method, container, "error", err.code.name, err.message))
+            continue
+        decisions = [{"action": d.action, "rule": d.rule, "mode": d.mode, "setting": d.setting, "key": d.key,
+                      "value": d.value, "reason": d.reason} for d in outcome.decisions]
+        if outcome.denial is not None:
+            out.append(Explained(method, container, "denied", outcome.denial.code.name, outcome.denial.reason,
+                                 decisions=decisions))
+            continue
+        changes = []
+        for c in outcome.changes:
+            before = read_field(request, c.path)
+            apply_change(request, c)
+            changes.append({"field": c.path, "from": before, "to": c.value, "by": c.by, "key": c.key or "(config)"})
+        out.append(Explained(method, container, "allowed", changes=changes, decisions=decisions))
+    return out
+
+
+def load_manifest(text: str, where: str, namespace: str) -> list[Pod]:
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    return pods_of(documents, where, namespace)
+
+
+def render_text(results: list[tuple[Pod, list[Explained]]], policy: str) -> str:
+    lines = [f"policy: {policy}"]
+    for pod, calls in results:
+        lines.append(f"\n{pod.source} (pod {pod.namespace}/{pod.name})")
+        for call in calls:
+            what = "pod sandbox" if call.container is None else f"container {call.container}"
+            lines.append(f"  {what} [{call.method.split('/')[1]}]: {call.result.upper()}"
+                         + (f" {call.status}: {call.message}" if call.result != "allowed" else ""))
+            lines += [f"    set {c['field']}: {c['from']!r} -> {c['to']!r} (by {c['by']}, from {c['key']})"
+                      for c in call.changes]
+            lines += [f"    {d['action']}: {d['setting'] or 'call'}{' ' + d['key'] if d['key'] else ''}"
+                      f" (rule {d['rule'] or '-'}, {d['mode'] or '-'}): {d['reason']}"
+                      for d in call.decisions if d["action"] != "applied"]
+            if not call.changes and call.result == "allowed":
+                lines.append("    unchanged")
+    return "\n".join(lines) + "\n"
+
+
+def render_json(results: list[tuple[Pod, list[Explained]]], policy: str) -> str:
+    return json.dumps({"policy": policy, "pods": [
+        {"source": pod.source, "namespace": pod.namespace, "name": pod.name,
+         "calls": [call.__dict__ for call in calls]} for pod, calls in results]}, indent=2, default=str) + "\n"

@@ -1,0 +1,183 @@
+"""Evaluating a PolicySet for one call.
+
+Order of precedence: the first rule, in file order, whose namespaces match the pod's namespace,
+whose excludeNamespaces do not, and whose podSelector labels the pod carries, decides. No rule
+matching means no annotation has any effect there: a pod that carries one is a violation.
+
+For the call's pod (RunPodSandbox: every criproxy annotation of the pod; CreateContainer and
+UpdateContainerResources: those for the pod and for this container) every criproxy annotation
+must be a setting the rule lists, with a value it allows. Settings the rule marks `required`
+must be present (or get the rule's `default`); `effective` settings are checked on the value the
+runtime will get, whoever set it. Violations then count by the rule's mode: enforce denies the
+call (PERMISSION_DENIED), audit lets it pass and records them, dry-run changes nothing and
+records what would have been done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from criproxy.adjust import Change, Denial, read_field
+from criproxy.annotations import Lookup, setting_of
+from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review
+from criproxy.policies.model import FailurePolicy, PolicySet, Rule
+
+_SECCOMP = {"RuntimeDefault": "runtime/default", "Unconfined": "unconfined"}
+SECCOMP_FIELD = "config.linux.security_context.seccomp"
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    setting: str
+    key: str
+    value: str
+    reason: str
+
+
+class AnnotationPolicy:
+    """A loaded policies.yaml, as the pipeline's Policy."""
+
+    def __init__(self, policies: PolicySet, lookup: Lookup) -> None:
+        self.policies = policies
+        self.lookup = lookup
+        self.identity = f"{policies.file}@{policies.digest}"
+
+    def failure(self, interceptor: str) -> FailurePolicy:
+        return self.policies.failure_policy(interceptor)
+
+    def defaults(self, ctx: CallContext) -> Mapping[str, str]:
+        rule = self.policies.rule_for(ctx.pod)
+        if rule is None:
+            return {}
+        out: dict[str, str] = {}
+        for name, setting in rule.settings.items():
+            if setting.default is not None and self.lookup.find(ctx.pod.annotations, name, ctx.container) is None:
+                out[f"{self.lookup.prefix(name)}/pod"] = setting.default
+        return out
+
+    def review(self, ctx: CallContext, changes: Sequence[Change]) -> Review:
+        rule = self.policies.rule_for(ctx.pod)
+        mode = self.policies.mode_of(rule)
+        name = rule.name if rule is not None else ""
+        violations = self._violations(ctx, rule, changes)
+        drift = self._drift(ctx)
+        if drift is not None and self.policies.drift != "ignore":
+            if self.policies.drift == "deny" and mode == "enforce":
+                violations.append(drift)
+            else:
+                return self._verdict(ctx, name, mode if mode != "enforce" else "audit", changes, [*violations, drift])
+        return self._verdict(ctx, name, mode, changes, violations)
+
+    def _verdict(self, ctx: CallContext, rule: str, mode: str, changes: Sequence[Change],
+                 violations: list[Violation]) -> Review:
+        def decision(action: str, v: Violation) -> Decision:
+            return Decision(action, rule, mode, v.setting, v.key, v.value, v.reason)
+
+        if violations and mode == "enforce":
+            return Review(changes=(), denial=Denial(self._message(ctx, rule, violations),
+                                                    grpc.StatusCode.PERMISSION_DENIED),
+                          decisions=tuple(decision(DENIED, v) for v in violations))
+        flagged = tuple(decision(AUDITED if mode == "audit" else DRY_RUN, v) for v in violations)
+        if mode == "dry-run":
+            return Review(changes=(), modify=False, decisions=(*flagged, *(
+                Decision(DRY_RUN, rule, mode, c.setting, c.key, c.raw, self._why(ctx, c), c) for c in changes)))
+        return Review(changes=tuple(changes), decisions=(*flagged, *(
+            Decision(APPLIED, rule, mode, c.setting, c.key, c.raw, self._why(ctx, c), c) for c in changes)))
+
+    @staticmethod
+    def _why(ctx: CallContext, change: Change) -> str:
+        if change.key in ctx.injected:
+            return "default of the rule"
+        return "from the pod's annotation" if change.key else "from criproxy's configuration"
+
+    def _message(self, ctx: CallContext, rule: str, violations: list[Violation]) -> str:
+        where = f"policy rule {rule!r}" if rule else "policy"
+        details = "; ".join(f"{v.key}={v.value!r}: {v.reason}" if v.key else v.reason for v in violations)
+        return f"criproxy: {ctx.who} denied by {where} ({self.identity}): {details}"
+
+    def _present(self, ctx: CallContext) -> list[tuple[str, str, str]]:
+        """(key, setting, value) of the criproxy annotations that bear on this call."""
+        out = []
+        for key, value in ctx.pod.annotations.items():
+            parsed = setting_of(key, self.lookup.domain)  # None for <domain>/applied and other keys
+            if parsed is None:
+                continue
+            setting, container = parsed
+            if ctx.method == RUN_POD_SANDBOX or container is None or container == ctx.container:
+                out.append((key, setting, value))
+        return out
+
+    def _violations(self, ctx: CallContext, rule: Rule | None, changes: Sequence[Change]) -> list[Violation]:
+        present = self._present(ctx)
+        if rule is None:
+            ns = ctx.pod.namespace
+            return [Violation(s, k, v, f"no rule allows criproxy annotations in namespace {ns!r}")
+                    for k, s, v in present]
+        out = []
+        for key, setting, value in present:
+            allowed = rule.setting(setting)
+            if allowed is None:
+                out.append(Violation(setting, key, value, f"rule {rule.name!r} does not allow {setting}"))
+            elif (why := allowed.refusal(value)) is not None:
+                out.append(Violation(setting, key, value, why))
+        out += self._required(ctx, rule)
+        out += self._effective(ctx, rule, changes)
+        return out
+
+    def _required(self, ctx: CallContext, rule: Rule) -> list[Violation]:
+        return [Violation(name, "", "", f"rule {rule.name!r} requires the annotation "
+                          f"{self.lookup.prefix(name)}/pod (or a container-scope one)")
+                for name, setting in rule.settings.items()
+                if setting.required and not name.endswith("*")
+                and self.lookup.find(ctx.pod.annotations, name, ctx.container) is None]
+
+    def _effective(self, ctx: CallContext, rule: Rule, changes: Sequence[Change]) -> list[Violation]:
+        out = []
+        for name in ("runtime-handler", "seccomp-profile"):
+            setting = rule.setting(name)
+            if setting is None or not setting.effective:
+                continue
+            value = effective_value(ctx, name, {c.path: c.value for c in changes})
+            if value is not None and (why := setting.refusal(value)) is not None:
+                out.append(Violation(name, "", value, f"the {name} the runtime would get is not allowed: {why}"))
+        return out
+
+    def _drift(self, ctx: CallContext) -> Violation | None:
+        if ctx.pinned is None:  # a sandbox created without criproxy annotations (or before criproxy)
+            return None
+        now = {k: v for k, v in ctx.pod.annotations.items()
+               if k not in ctx.injected and setting_of(k, self.lookup.domain) is not None}
+        if now == dict(ctx.pinned):
+            return None
+        changed = sorted(set(now) ^ set(ctx.pinned) | {k for k in now if k in ctx.pinned and now[k] != ctx.pinned[k]})
+        detail = ", ".join(f"{k}: {ctx.pinned.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        return Violation("", "", "", f"criproxy annotations changed since the pod's sandbox was created ({detail}); "
+                         "recreate the pod for them to apply")
+
+
+def effective_value(ctx: CallContext, setting: str, changed: Mapping[str, Any]) -> str | None:
+    """The value the runtime will get for an effective setting, in annotation form; None when this
+    call does not carry it."""
+    if setting == "runtime-handler":
+        if ctx.method != RUN_POD_SANDBOX:
+            return None
+        return str(changed.get("runtime_handler", getattr(ctx.request, "runtime_handler", "")))
+    if ctx.method not in (RUN_POD_SANDBOX, CREATE_CONTAINER):
+        return None
+    profile = changed.get(SECCOMP_FIELD) or read_field(ctx.request, SECCOMP_FIELD)
+    if not profile:
+        return "unconfined"  # no profile at all: the runtime runs the process unconfined
+    kind = profile.get("profile_type", "RuntimeDefault")
+    return _SECCOMP.get(kind) or f"localhost/{profile.get('localhost_ref', '')}"
+
+
+def pinned_annotations(annotations: Mapping[str, str], domain: str) -> str:
+    """The `<domain>/pinned` value: the pod's criproxy annotations when its sandbox was created."""
+    keep = {k: v for k, v in annotations.items() if setting_of(k, domain) is not None}
+    return json.dumps(keep, sort_keys=True, separators=(",", ":"))
