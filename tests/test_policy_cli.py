@@ -1,0 +1,114 @@
+"""`criproxy policy check` and `criproxy explain`, run as an operator would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def criproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "criproxy", *args], check=False, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_the_repository_policy_checks_clean() -> None:
+    done = criproxy("policy", "check", "policies.yaml")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "policies.yaml: ok\n", "")
+
+
+def test_check_lists_every_problem_with_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: criproxy.io/v1alpha1\nkind: AnnotationPolicy\nmode: strict\nrules:\n"
+                   "  - name: a\n    namespaces: [x]\n    settings:\n      memory-limt: {}\n"
+                   "      cpu-quota: {max: lots}\n")
+    good = tmp_path / "good.yaml"
+    good.write_text("apiVersion: criproxy.io/v1alpha1\nkind: AnnotationPolicy\n")
+    done = criproxy("policy", "check", str(good), str(bad))
+    assert done.returncode == 1
+    assert done.stdout == f"{good}: ok\n{bad}: invalid, 3 problem(s)\n"
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"{bad}:3: mode: expected one of enforce, audit, dry-run, got 'strict'"
+    assert lines[1].startswith(f"{bad}:8: rules[0].settings.memory-limt: unknown setting; known: runtime-handler,")
+    assert lines[2] == (f"{bad}:9: rules[0].settings.cpu-quota.max: 'lots' is not a Kubernetes quantity "
+                        "(e.g. 500m, 2, 1.5, 512Mi, 2Gi, 1e3)")
+
+
+def test_check_of_a_missing_file(tmp_path: Path) -> None:
+    done = criproxy("policy", "check", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 1
+    assert done.stderr == f"{tmp_path / 'nope.yaml'}: cannot read it: No such file or directory\n"
+
+
+MANIFEST = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: criproxy-demo}
+spec:
+  template:
+    metadata:
+      annotations:
+        memory-limit.criproxy.io/container.app: 256Mi
+    spec:
+      containers:
+        - name: app
+          image: nginx
+          resources: {limits: {cpu: "1", memory: 1Gi}}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly}
+spec:
+  jobTemplate:
+    spec:
+      template:
+        metadata:
+          annotations: {seccomp-profile.criproxy.io/pod: unconfined}
+        spec:
+          containers: [{name: job, image: busybox}]
+"""
+
+
+def test_explain_shows_adjustments_and_denials_with_their_rule(tmp_path: Path) -> None:
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(MANIFEST)
+    done = criproxy("explain", "--policies", "policies.yaml", "-o", "json", str(manifest))
+    assert done.returncode == 1, done.stderr  # the CronJob's pod would be denied
+    report = json.loads(done.stdout)
+    web, nightly = report["pods"]
+    assert (web["source"], web["namespace"]) == ("Deployment criproxy-demo/web", "criproxy-demo")
+    sandbox, app = web["calls"]
+    assert sandbox["result"] == "allowed" and sandbox["changes"] == []
+    assert app["result"] == "allowed"
+    assert [(c["field"], c["from"], c["to"], c["by"]) for c in app["changes"]] == [
+        ("config.linux.resources.memory_limit_in_bytes", 1 << 30, 256 << 20, "resources"),
+        ("config.linux.resources.memory_swap_limit_in_bytes", 1 << 30, 256 << 20, "resources")]
+    assert {d["rule"] for d in app["decisions"]} == {"demo"}
+    assert nightly["source"] == "CronJob default/nightly"
+    assert [c["result"] for c in nightly["calls"]] == ["denied", "denied"]
+    assert nightly["calls"][0]["status"] == "PERMISSION_DENIED"
+    assert "no rule allows criproxy annotations in namespace 'default'" in nightly["calls"][0]["message"]
+
+
+def test_explain_text_and_namespace_flag(tmp_path: Path) -> None:
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations:\n"
+                        "    cpu-quota.criproxy.io/pod: 500m\nspec:\n  containers: [{name: c, image: x, resources: "
+                        "{limits: {cpu: '2'}}}]\n")
+    done = criproxy("explain", "--policies", "policies.yaml", "-n", "criproxy-demo", str(manifest))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Pod criproxy-demo/p (pod criproxy-demo/p)" in done.stdout
+    assert ("    set config.linux.resources.cpu_quota: 200000 -> 50000 (by resources, from "
+            "cpu-quota.criproxy.io/pod)") in done.stdout
+
+
+def test_explain_rejects_what_has_no_pods(tmp_path: Path) -> None:
+    manifest = tmp_path / "svc.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n")
+    done = criproxy("explain", str(manifest))
+    assert done.returncode == 2
+    assert done.stderr == (f"criproxy: {manifest} (document 1): kind Service has no pods; expected Pod or one of "
+                           "Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, ReplicationController, CronJob\n")
