@@ -76,6 +76,14 @@ def _resolve(message: Message, path: str) -> _Target:
     return _Target(node, name, key)
 
 
+def message_at(message: Message, path: str) -> Message:
+    """The sub-message at a dotted path (read only: an unset one reads as its defaults)."""
+    node = message
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def read_field(message: Message, path: str) -> Any:
     """The current value at `path`: a dict for a message field (None when it is not set), None for an
     absent keyed entry, else the scalar."""

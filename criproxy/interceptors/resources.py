@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from criproxy.adjust import NOTHING, Adjustment, Change, Denial, read_field
+from criproxy.adjust import NOTHING, Adjustment, Change, Denial, message_at, read_field
 from criproxy.annotations import Found, Lookup
 from criproxy.context import CREATE_CONTAINER, UPDATE_CONTAINER_RESOURCES, CallContext
 from criproxy.interceptors.base import InvalidAnnotation
@@ -193,8 +193,10 @@ class ResourcesInterceptor:
         def find(setting: str) -> Found | None:
             return self.lookup.find(annotations, setting, container)
 
+        resources = message_at(ctx.request, base[:-1])  # resolved once: read a dozen times below
+
         def current(name: str) -> Any:
-            return read_field(ctx.request, base + name)
+            return read_field(resources, name) if "[" in name else getattr(resources, name)
 
         proposals = self._fixed(find, current) + self._variable(annotations, find)
         if not proposals:

@@ -43,10 +43,16 @@ MODES = ("enforce", "audit", "dry-run")
 DRIFT = ("deny", "audit", "ignore")
 ON_ERROR = ("closed", "open")
 DEFAULT_TIMEOUT_S = 1.0
+MATCH_CACHE_SIZE = 4096
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile(fnmatch.translate(pattern))
+
+
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One expression matching any of the globs."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,14 +134,16 @@ class Rule:
     match_labels: Mapping[str, str] = field(default_factory=dict)
     mode: str | None = None
     settings: Mapping[str, SettingRule] = field(default_factory=dict)
-    _include: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
-    _exclude: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+    _include: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _exclude: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
 
     def matches(self, pod: PodInfo) -> bool:
         ns = pod.namespace
-        if not any(g.fullmatch(ns) for g in self._include) or any(g.fullmatch(ns) for g in self._exclude):
+        if self._include is None or not self._include.fullmatch(ns):
             return False
-        return all(pod.labels.get(k) == v for k, v in self.match_labels.items())
+        if self._exclude is not None and self._exclude.fullmatch(ns):
+            return False
+        return not self.match_labels or all(pod.labels.get(k) == v for k, v in self.match_labels.items())
 
     def setting(self, setting: str) -> SettingRule | None:
         """The rule for `setting`: by its name, else by its family (`hugepages-*`, `unified.*`)."""
@@ -154,10 +162,28 @@ class PolicySet:
     drift: str = "deny"
     failure: Mapping[str, FailurePolicy] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    #: Matching is memoised per namespace (and labels, when a rule selects by labels): every call of
+    #: a pod asks the same question, and a node runs few distinct namespaces. Bounded; per version.
+    _matches: dict[Any, Rule | None] = field(default_factory=dict, repr=False, compare=False)
+    _by_labels: bool = field(default=False, repr=False, compare=False)
 
     def rule_for(self, pod: PodInfo) -> Rule | None:
         """The first rule, in file order, that matches the pod."""
-        return next((rule for rule in self.rules if rule.matches(pod)), None)
+        key: Any = pod.namespace
+        if self._by_labels:
+            key = (pod.namespace, tuple(sorted(pod.labels.items())))
+        try:
+            return self._matches[key]
+        except KeyError:
+            pass
+        rule = next((rule for rule in self.rules if rule.matches(pod)), None)
+        if len(self._matches) >= MATCH_CACHE_SIZE:
+            self._matches.clear()
+        self._matches[key] = rule
+        return rule
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_labels", any(rule.match_labels for rule in self.rules))
 
     def failure_policy(self, interceptor: str) -> FailurePolicy:
         return self.failure.get(interceptor, FailurePolicy())
@@ -318,7 +344,7 @@ def _rule(r: _Reader, item: Any, path: Path_) -> Rule:
             settings[key] = _setting(r, key, value, (*path, "settings", key))
     return Rule(name=name, line=r.doc.line(path), namespaces=namespaces, exclude_namespaces=exclude,
                 match_labels=labels, mode=mode, settings=settings,
-                _include=tuple(map(_glob, namespaces)), _exclude=tuple(map(_glob, exclude)))
+                _include=_globs(namespaces), _exclude=_globs(exclude) if exclude else None)
 
 
 _SETTING_KEYS = ("values", "patterns", "forbid", "min", "max", "default", "required", "effective")
