@@ -26,6 +26,8 @@ MiB = 1024 * 1024
 #: The kubelet's own message limit; the proxy must carry at least what the kubelet accepts.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * MiB
 DEFAULT_LISTEN = "unix:///run/criproxy/criproxy.sock"
+DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT = "127.0.0.1", 9808
+STDERR = Path("-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,12 @@ class ServeConfig:
     container_cache_size: int = DEFAULT_MAX_ENTRIES
     #: The policies file; None: every enabled interceptor's changes stand (no policy).
     policies: Path | None = None
+    #: Where /metrics, /healthz and /readyz are served; None: nowhere.
+    metrics_address: tuple[str, int] | None = None
+    #: The decision log: a file, '-' for stderr, or None (decisions then go to the main log only).
+    decision_log: Path | None = None
+    #: Rotate the decision log file past this size (5 old files kept).
+    decision_log_max_bytes: int = 50 * MiB
     #: The file the settings came from, for messages; None when only flags were used.
     config_file: Path | None = None
 
@@ -139,6 +147,31 @@ def _file(value: Any, where: str) -> Path:
     return path
 
 
+def _address(value: Any, where: str) -> tuple[str, int] | None:
+    text = str(value).strip()
+    if text in ("", "off", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT such as 127.0.0.1:9808 (or off), got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _log_path(value: Any, where: str) -> Path:
+    text = _string(value, where)
+    return STDERR if text == "-" else _file(text, where)
+
+
+def _log_size(value: Any, where: str) -> int:
+    text = str(value).strip()
+    units = {"Ki": 1024, "Mi": MiB, "Gi": 1024 * MiB}
+    factor = next((f for u, f in units.items() if text.endswith(u)), 1)
+    number = text[:-2] if factor != 1 else text
+    if isinstance(value, bool) or not number.isdigit() or not MiB <= int(number) * factor <= 100 * 1024 * MiB:
+        raise ConfigError(f"{where}: expected a size from 1Mi to 100Gi such as 50Mi, got {value!r}")
+    return int(number) * factor
+
+
 def _log_level(value: Any, where: str) -> str:
     level = _string(value, where).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -184,6 +217,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("policies", _file, "FILE",
             "policies.yaml: which namespaces may use which annotations and values; watched and reloaded "
             "(also on SIGHUP). Without it every enabled interceptor's changes stand"),
+    Setting("metrics-address", _address, "HOST:PORT",
+            f"serve Prometheus /metrics and /healthz, /readyz here (default {DEFAULT_METRICS_HOST}:"
+            f"{DEFAULT_METRICS_PORT}; off to disable)"),
+    Setting("decision-log", _log_path, "FILE",
+            "write one JSON line per interceptor/policy decision here (- for stderr); default: main log only"),
+    Setting("decision-log-max-bytes", _log_size, "SIZE", "rotate the decision log past this size (default 50Mi)"),
     Setting("container-cache-size", _count, "N",
             f"containers remembered for UpdateContainerResources before the least recently used is looked up "
             f"again (default {DEFAULT_MAX_ENTRIES})"),
@@ -217,7 +256,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def build_config(flags: Mapping[str, Any], config_file: Path | None) -> ServeConfig:
     """Merge defaults, the config file and command-line flags (by setting key) into a ServeConfig."""
-    values: dict[str, Any] = {"listen": parse_endpoint(DEFAULT_LISTEN, what="--listen")}
+    values: dict[str, Any] = {"listen": parse_endpoint(DEFAULT_LISTEN, what="--listen"),
+                              "metrics_address": (DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT)}
     file: dict[str, Any] = read_config_file(config_file) if config_file is not None else {}
     for key, raw in file.items():
         if key in _BY_KEY and raw is not None:  # `key:` with no value leaves the default

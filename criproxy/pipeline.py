@@ -57,6 +57,7 @@ from criproxy.errors import (
     PermissionDenied,
 )
 from criproxy.interceptors.base import Interceptor, InvalidAnnotation
+from criproxy.metrics import Metrics
 from criproxy.policies import DENIED, FAILED_OPEN, AllowAll, Decision, Policy
 from criproxy.policies.engine import pinned_annotations
 from criproxy.relay import Call
@@ -70,6 +71,22 @@ _ERRORS: dict[Any, type[CriProxyError]] = {e.code: e for e in (InvalidArgument, 
 
 #: Receives every call's decisions (the decision log and metrics subscribe here).
 DecisionSink = Callable[[CallContext, Sequence[Decision]], None]
+
+
+def all_of(*sinks: DecisionSink) -> DecisionSink:
+    """One sink that hands the decisions to each of `sinks` in turn."""
+    def send(ctx: CallContext, decisions: Sequence[Decision]) -> None:
+        for sink in sinks:
+            sink(ctx, decisions)
+    return send
+
+
+def metrics_sink(metrics: Metrics) -> DecisionSink:
+    def count(ctx: CallContext, decisions: Sequence[Decision]) -> None:
+        for d in decisions:
+            by = d.change.by if d.change is not None else (d.setting if d.action == FAILED_OPEN else "policy")
+            metrics.decision(by, d.rule, d.action, d.setting)
+    return count
 
 
 def log_decisions(ctx: CallContext, decisions: Sequence[Decision]) -> None:
@@ -95,7 +112,8 @@ class Pipeline:
 
     def __init__(self, interceptors: Sequence[Interceptor], *, lookup: Lookup, policy: Policy | None = None,
                  index: ContainerIndex | None = None, caller: Caller | None = None,
-                 on_decisions: DecisionSink = log_decisions) -> None:
+                 on_decisions: DecisionSink = log_decisions,
+                 on_context: Callable[[CallContext], None] | None = None) -> None:
         self.interceptors = tuple(interceptors)
         self.lookup = lookup
         #: The policy in force; replaced whole (never mutated) on reload, read once per call.
@@ -103,6 +121,8 @@ class Pipeline:
         self.index = index if index is not None else ContainerIndex()
         self.caller = caller
         self.on_decisions = on_decisions
+        #: Told of every intercepted call's context (tracing puts the pod on the call's span).
+        self.on_context = on_context
         #: What the runtime told of itself; replaced (not mutated) on every reconnect.
         self.facts = RuntimeFacts()
         events = frozenset().union(*(i.events for i in self.interceptors))
@@ -119,6 +139,8 @@ class Pipeline:
         ctx = await self._context(call.method.key, request)
         if ctx is None:
             return request
+        if self.on_context is not None:
+            self.on_context(ctx)
         outcome = await self.decide(ctx)
         if outcome.decisions:
             self.on_decisions(outcome.ctx, outcome.decisions)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from google.protobuf.message import DecodeError, Message
 
 from criproxy.errors import CriProxyError, Internal, InvalidArgument
 from criproxy.methods import API_VERSIONS, IMAGE_SERVICE, METHODS, Method, parse_cri_path
+from criproxy.metrics import Metrics, NoMetrics
 from criproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,34 @@ class Hooks(Protocol):
     async def after(self, call: Call, request: Message, response: bytes) -> None:
         """Observe a successful response (it is forwarded unchanged)."""
         ...
+
+
+@dataclass(slots=True)
+class Seen:
+    """What one call's observation needs from its handler."""
+
+    #: The metadata to send upstream (the caller's, with the proxy's trace context when tracing).
+    metadata: Metadata
+    #: Time spent waiting on the runtime (the rest of the call is the proxy's).
+    runtime_seconds: float = 0.0
+    key: str = ""
+
+
+class CallTracer(Protocol):
+    """Starts a call's span (criproxy.tracing.Tracing); None in Relay means tracing is off."""
+
+    def start_call(self, path: str, metadata: Metadata) -> Any:
+        ...
+
+
+Handler = Callable[[Any, Any, Seen], Awaitable[Any]]
+#: The metrics label of paths the CRI table does not know (callers choose those names).
+OTHER = "other"
+
+
+def status_name(context: grpc.aio.ServicerContext[bytes, bytes]) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 class NoHooks:
@@ -105,10 +135,13 @@ async def send_initial(context: grpc.aio.ServicerContext[Any, Any], call: Any) -
 class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Serves every method path by forwarding it to the runtime or image upstream."""
 
-    def __init__(self, runtime: Upstream, image: Upstream, hooks: Hooks | None = None) -> None:
+    def __init__(self, runtime: Upstream, image: Upstream, hooks: Hooks | None = None, *,
+                 metrics: Metrics | None = None, tracing: CallTracer | None = None) -> None:
         self.runtime = runtime
         self.image = image
         self.hooks: Hooks = hooks if hooks is not None else NoHooks()
+        self.metrics: Metrics = metrics if metrics is not None else NoMetrics()
+        self.tracing = tracing
         self._handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
         self._pumps: set[asyncio.Task[None]] = set()  # request copiers of unknown methods, kept alive
 
@@ -134,35 +167,72 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 # The runtime's APIs can change on reconnect, so the upstream path is chosen per call.
                 return paths[upstream.api_for(caller_api)]
 
+        key = method.key if method is not None else OTHER
         if method is None:
-            return grpc.stream_stream_rpc_method_handler(self._bidi(upstream, target))
+            return grpc.stream_stream_rpc_method_handler(self._observed(key, path, self._bidi(upstream, target)))
         if method.server_streaming:
-            return grpc.unary_stream_rpc_method_handler(self._server_stream(upstream, target))
+            return grpc.unary_stream_rpc_method_handler(
+                self._observed(key, path, self._server_stream(upstream, target)))
         if method.key in self.hooks.decoded:
-            return grpc.unary_unary_rpc_method_handler(self._intercepted(upstream, target, method, path))
-        return grpc.unary_unary_rpc_method_handler(self._unary(upstream, target))
+            return grpc.unary_unary_rpc_method_handler(
+                self._observed(key, path, self._intercepted(upstream, target, method, path)))
+        return grpc.unary_unary_rpc_method_handler(self._observed(key, path, self._unary(upstream, target)))
 
-    def _unary(self, upstream: Upstream,
-               target: Callable[[], str]) -> Callable[[bytes, Any], Awaitable[bytes]]:
-        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-            return await forward_unary(upstream, target(), request, context)
+    def _observed(self, key: str, path: str, handle: Handler) -> Callable[[Any, Any], Awaitable[Any]]:
+        """The handler, counted in metrics and traced (the span continues the caller's trace)."""
+        metrics, tracing = self.metrics, self.tracing
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> Any:
+            seen = Seen(forwardable_metadata(context), key=key)
+            span = tracing.start_call(path, seen.metadata) if tracing is not None else None
+            if span is not None:
+                seen.metadata = span.metadata
+            metrics.call_started(key)
+            started, code = time.perf_counter(), "UNKNOWN"
+            try:
+                result = await handle(request, context, seen)
+                code = "OK"
+                return result
+            except grpc.aio.AbortError:
+                code = status_name(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                metrics.call_finished(key, code, time.perf_counter() - started, seen.runtime_seconds)
+                if span is not None:
+                    span.finish(code)
+
+        return observed
+
+    def _unary(self, upstream: Upstream, target: Callable[[], str]) -> Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes], seen: Seen) -> bytes:
+            started = time.perf_counter()
+            try:
+                return await forward_unary(upstream, target(), request, context, seen.metadata)
+            finally:
+                seen.runtime_seconds = time.perf_counter() - started
 
         return handle
 
-    def _intercepted(self, upstream: Upstream, target: Callable[[], str], method: Method,
-                     path: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+    def _intercepted(self, upstream: Upstream, target: Callable[[], str], method: Method, path: str) -> Handler:
         hooks = self.hooks
 
-        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-            call = Call(method=method, path=path, metadata=forwardable_metadata(context))
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes], seen: Seen) -> bytes:
+            call = Call(method=method, path=path, metadata=seen.metadata)
             try:
                 try:
                     message = method.request_type.FromString(request)
                 except DecodeError as err:
                     raise InvalidArgument(f"criproxy: cannot decode the {method.key} request: {err}") from err
                 message = await hooks.before(call, message)
-                response = await forward_unary(upstream, target(), message.SerializeToString(), context,
-                                               call.metadata)
+                started = time.perf_counter()
+                try:
+                    response = await forward_unary(upstream, target(), message.SerializeToString(), context,
+                                                   call.metadata)
+                finally:
+                    seen.runtime_seconds = time.perf_counter() - started
                 await hooks.after(call, message, response)
                 return response
             except CriProxyError as err:
@@ -176,27 +246,36 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
         return handle
 
-    def _server_stream(self, upstream: Upstream,
-                       target: Callable[[], str]) -> Callable[[bytes, Any], Awaitable[None]]:
-        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-            call = upstream.stream(target())(request, metadata=forwardable_metadata(context),
-                                             timeout=context.time_remaining())
-            await relay_stream(upstream, call, context)
+    def _server_stream(self, upstream: Upstream, target: Callable[[], str]) -> Handler:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes], seen: Seen) -> None:
+            call = upstream.stream(target())(request, metadata=seen.metadata, timeout=context.time_remaining())
+            await self._stream(upstream, call, context, seen)
 
         return handle
 
-    def _bidi(self, upstream: Upstream,
-              target: Callable[[], str]) -> Callable[[AsyncIterator[bytes], Any], Awaitable[None]]:
+    async def _stream(self, upstream: Upstream, call: Any, context: grpc.aio.ServicerContext[bytes, bytes],
+                      seen: Seen) -> None:
+        key = seen.key
+        self.metrics.stream_started(key)
+        started = time.perf_counter()
+        try:
+            await relay_stream(upstream, call, context, self.metrics, key)
+        finally:
+            seen.runtime_seconds = time.perf_counter() - started  # a stream's time is the runtime's
+            self.metrics.stream_finished(key)
+
+    def _bidi(self, upstream: Upstream, target: Callable[[], str]) -> Handler:
         pumps = self._pumps
 
-        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-            metadata, timeout = forwardable_metadata(context), context.time_remaining()
+        async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes],
+                         seen: Seen) -> None:
+            metadata, timeout = seen.metadata, context.time_remaining()
             first, rest = await read_single_request(requests)
             if rest is None and first is not None:
                 # One request, then the caller half-closed: a unary or server-streaming call. A
                 # unary-stream call upstream carries both shapes and sends the request in one step.
-                await relay_stream(upstream, upstream.stream(target())(first, metadata=metadata, timeout=timeout),
-                                   context)
+                await self._stream(upstream, upstream.stream(target())(first, metadata=metadata, timeout=timeout),
+                                   context, seen)
                 return
             call = upstream.bidi(target())(metadata=metadata, timeout=timeout)  # type: ignore[call-arg]
             # A streaming caller: its requests are copied upstream by a task of ours, never cancelled
@@ -204,7 +283,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             pump = asyncio.get_running_loop().create_task(copy_requests(first, rest, call))
             pumps.add(pump)
             pump.add_done_callback(pumps.discard)
-            await relay_stream(upstream, call, context)
+            await self._stream(upstream, call, context, seen)
 
         return handle
 
@@ -249,12 +328,14 @@ async def copy_requests(first: bytes | None, rest: AsyncIterator[bytes] | None, 
         log.debug("request stream ended early: %r", err)
 
 
-async def relay_stream(upstream: Upstream, call: Any, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+async def relay_stream(upstream: Upstream, call: Any, context: grpc.aio.ServicerContext[bytes, bytes],
+                       metrics: Metrics, key: str) -> None:
     """Write the runtime's stream to the caller, one message at a time, then its status and trailers."""
     try:
         await send_initial(context, call)
         async for message in call:
             await context.write(message)  # returns once the caller's flow control took it
+            metrics.stream_message(key)
         trailing = await call.trailing_metadata()
         if trailing:
             context.set_trailing_metadata(trailing)

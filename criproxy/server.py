@@ -7,24 +7,31 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
+from opentelemetry.sdk.trace.export import SpanExporter
+from prometheus_client import CollectorRegistry
 
 from criproxy import __version__
 from criproxy.annotations import Lookup
-from criproxy.config import ServeConfig
+from criproxy.config import STDERR, ServeConfig
+from criproxy.decisionlog import DecisionLog
 from criproxy.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
 from criproxy.errors import ConfigError
-from criproxy.pipeline import Pipeline
+from criproxy.metrics import Metrics, NoMetrics
+from criproxy.metrics.prometheus import HttpEndpoint, PrometheusMetrics, health_app
+from criproxy.pipeline import DecisionSink, Pipeline, all_of, log_decisions, metrics_sink
 from criproxy.policies import Policy
 from criproxy.policies.store import PolicyStore
 from criproxy.relay import Hooks, Relay
 from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
 from criproxy.state import ContainerIndex
+from criproxy.tracing import Tracing, observe_call, record_decisions, tracing_from_env
 from criproxy.upstream import Upstream, call_typed
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ class Proxy:
     socket_inode: int
     pipeline: Pipeline | None = None
     policies: PolicyStore | None = None
+    observability: Observability | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish for `grace` seconds, then close everything."""
@@ -79,6 +87,8 @@ class Proxy:
         await self.runtime.close()
         if self.image is not self.runtime:
             await self.image.close()
+        if self.observability is not None:
+            self.observability.close()
 
 
 def build_pipeline(config: ServeConfig, runtime: Upstream) -> Pipeline | None:
@@ -108,22 +118,131 @@ def load_policies(config: ServeConfig, pipeline: Pipeline | None) -> PolicyStore
     return PolicyStore(config.policies, Lookup(config.annotation_domain), apply)
 
 
-async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
-    """Connect to the runtime, bind the socket and start serving; raises ConfigError on bad setup.
+@dataclass
+class Observability:
+    """Metrics, traces, the decision log and the health endpoint of one proxy."""
 
-    `hooks` replaces the pipeline built from the configured interceptors (tests use it)."""
+    metrics: Metrics
+    tracing: Tracing | None = None
+    decision_log: DecisionLog | None = None
+    http: HttpEndpoint | None = None
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+        if self.decision_log is not None:
+            self.decision_log.close()
+
+
+def build_observability(config: ServeConfig, registry: CollectorRegistry | None,
+                        span_exporter: SpanExporter | None) -> Observability:
+    tracing = tracing_from_env(os.environ, span_exporter)
+    decision_log = None
+    if config.decision_log is not None:
+        path = None if config.decision_log == STDERR else config.decision_log
+        try:
+            decision_log = DecisionLog(path, max_bytes=config.decision_log_max_bytes)
+        except OSError as err:
+            raise ConfigError(f"--decision-log {config.decision_log}: cannot open it: {err.strerror}") from None
+    if config.metrics_address is None and registry is None:
+        return Observability(NoMetrics(), tracing, decision_log)
+    return Observability(PrometheusMetrics(registry if registry is not None else CollectorRegistry()), tracing,
+                         decision_log)
+
+
+def start_http(config: ServeConfig, obs: Observability, ready: Callable[[], tuple[bool, str]]) -> None:
+    if config.metrics_address is None or not isinstance(obs.metrics, PrometheusMetrics):
+        return
+    host, port = config.metrics_address
+    try:
+        obs.http = HttpEndpoint(host, port, health_app(obs.metrics.registry, ready))
+    except OSError as err:
+        raise ConfigError(f"--metrics-address {host}:{port}: cannot listen: {err.strerror}") from None
+    obs.http.start()
+
+
+def wire_pipeline(pipeline: Pipeline, obs: Observability, policies: PolicyStore | None) -> None:
+    """Send the pipeline's decisions to the log, the decision log, metrics and traces."""
+    sinks: list[DecisionSink] = [log_decisions, metrics_sink(obs.metrics)]
+    if obs.decision_log is not None:
+        if policies is not None:
+            obs.decision_log.policy = lambda: policies.current.identity
+        sinks.append(obs.decision_log)
+    if obs.tracing is not None:
+        sinks.append(record_decisions)
+        pipeline.on_context = observe_call
+    pipeline.on_decisions = all_of(*sinks)
+    if policies is not None:
+        obs.metrics.policy_loaded(True, policies.current.identity)
+        policies.listeners.append(obs.metrics.policy_loaded)
+
+
+def build_upstreams(config: ServeConfig, runtime_endpoint: Endpoint) -> tuple[Upstream, Upstream]:
+    runtime = Upstream(runtime_endpoint, max_message_bytes=config.max_message_bytes, role="runtime")
+    if config.image_endpoint is None or config.image_endpoint.path == runtime_endpoint.path:
+        return runtime, runtime
+    return runtime, Upstream(config.image_endpoint, max_message_bytes=config.max_message_bytes, role="image")
+
+
+async def connect(runtime: Upstream, image: Upstream, pipeline: Pipeline | None, metrics: Metrics) -> None:
+    """Learn the runtime now, and again on every reconnect (API versions, handlers, the index)."""
+    def on_state(upstream: Upstream, state: grpc.ChannelConnectivity) -> None:
+        metrics.runtime_state(upstream.role, state == grpc.ChannelConnectivity.READY)
+
+    async def on_connect() -> None:
+        if await runtime.detect_api() is not None:
+            metrics.runtime_api(runtime.role, runtime.apis)
+            if pipeline is not None:
+                await pipeline.refresh()
+
+    runtime.on_state_change = image.on_state_change = on_state
+    await on_connect()
+    metrics.runtime_state(runtime.role, runtime.is_connected())
+    runtime.start_watching(on_connect)
+    if image is not runtime:
+        await image.detect_image_api()
+        image.start_watching(image.detect_image_api)
+
+
+async def start_proxy(config: ServeConfig, hooks: Hooks | None = None, *, registry: CollectorRegistry | None = None,
+                      span_exporter: SpanExporter | None = None) -> Proxy:
+    """Connect to the runtime, bind the socket and start serving; raises ConfigError on bad setup
+    (having released whatever it had opened).
+
+    `hooks` replaces the pipeline built from the configured interceptors; `registry` and
+    `span_exporter` replace the Prometheus registry and the OTEL_* exporter (tests use them)."""
     runtime_endpoint = config.runtime_endpoint or find_runtime_endpoint(config.listen)
     if runtime_endpoint.path == config.listen.path:
         raise ConfigError(f"--runtime-endpoint {runtime_endpoint} is the proxy's own --listen socket")
-    runtime = Upstream(runtime_endpoint, max_message_bytes=config.max_message_bytes, role="runtime")
-    image = runtime
-    if config.image_endpoint is not None and config.image_endpoint.path != runtime_endpoint.path:
-        image = Upstream(config.image_endpoint, max_message_bytes=config.max_message_bytes, role="image")
-
     prepare_listen_path(config.listen.path)
+    obs = build_observability(config, registry, span_exporter)
+    runtime, image = build_upstreams(config, runtime_endpoint)
+    try:
+        return await _start(config, hooks, obs, runtime, image)
+    except BaseException:
+        obs.close()
+        await runtime.close()
+        if image is not runtime:
+            await image.close()
+        raise
+
+
+async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, runtime: Upstream,
+                 image: Upstream) -> Proxy:
     pipeline = build_pipeline(config, runtime) if hooks is None else None
     policies = load_policies(config, pipeline)
-    relay = Relay(runtime, image, hooks if hooks is not None else pipeline)
+    if pipeline is not None:
+        wire_pipeline(pipeline, obs, policies)
+
+    def ready() -> tuple[bool, str]:
+        if not runtime.is_connected():
+            return False, f"runtime endpoint {runtime.endpoint} is not connected"
+        return True, f"ready: runtime {runtime.endpoint}, policy {policies.current.identity if policies else 'none'}"
+
+    start_http(config, obs, ready)
+    relay = Relay(runtime, image, hooks if hooks is not None else pipeline, metrics=obs.metrics, tracing=obs.tracing)
     server = grpc.aio.server(options=server_options(config.max_message_bytes))
     server.add_generic_rpc_handlers((relay,))
     temp = temporary_path(config.listen.path)
@@ -131,23 +250,14 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None) -> Proxy:
         raise ConfigError(f"--listen {config.listen}: cannot bind a socket in {os.path.dirname(temp)}")
     await server.start()
     inode = publish(temp, config.listen.path, config.socket_mode, config.socket_group)
-
-    async def on_connect() -> None:
-        if await runtime.detect_api() is not None and pipeline is not None:
-            await pipeline.refresh()
-
-    await on_connect()
-    runtime.start_watching(on_connect)
-    if image is not runtime:
-        await image.detect_image_api()
-        image.start_watching(image.detect_image_api)
+    await connect(runtime, image, pipeline, obs.metrics)
     log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s; interceptors: %s", __version__,
              config.listen, runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint,
              ", ".join(i.name for i in pipeline.interceptors) if pipeline is not None else "none")
     if policies is not None:
         policies.start_watching()
     return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode,
-                 pipeline=pipeline, policies=policies)
+                 pipeline=pipeline, policies=policies, observability=obs)
 
 
 async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:

@@ -65,7 +65,7 @@ def served(fake: FakeRuntime, sockdir: Path) -> Iterator[Running]:
     config = sockdir / "criproxy.yaml"
     socket = sockdir / "run" / "criproxy.sock"
     config.write_text(f"listen: unix://{socket}\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
-                      "shutdown-grace-seconds: 5\n")
+                      "shutdown-grace-seconds: 5\nmetrics-address: 127.0.0.1:0\n")
     proc = subprocess.Popen([sys.executable, "-m", "criproxy", "serve", "--config", str(config)],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -112,7 +112,8 @@ def test_sigterm_cuts_calls_that_outlast_the_grace_period(fake: FakeRuntime, soc
     fake.script("RuntimeService/ExecSync", Reply(hang=True))
     proc = subprocess.Popen([sys.executable, "-m", "criproxy", "serve", "--listen", f"unix://{socket}",
                              "--runtime-endpoint", f"unix://{sockdir}/runtime.sock",
-                             "--shutdown-grace-seconds", "0.5"], stderr=subprocess.DEVNULL, cwd=ROOT)
+                             "--shutdown-grace-seconds", "0.5", "--metrics-address", "off"],
+                            stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
         wait_serving(proc, socket)
         with grpc.insecure_channel(f"unix://{socket}") as chan:
@@ -133,7 +134,8 @@ def test_sigterm_cuts_calls_that_outlast_the_grace_period(fake: FakeRuntime, soc
 
 def test_second_serve_on_a_live_socket_refuses_and_leaves_the_first(served: Running, sockdir: Path) -> None:
     inode = os.lstat(served.socket).st_ino
-    done = criproxy("serve", "--listen", served.target, "--runtime-endpoint", f"unix://{sockdir}/runtime.sock")
+    done = criproxy("serve", "--listen", served.target, "--runtime-endpoint", f"unix://{sockdir}/runtime.sock",
+                    "--metrics-address", "off")
     assert done.returncode == 2
     assert "another server is answering on this socket" in done.stderr
     assert os.lstat(served.socket).st_ino == inode

@@ -27,7 +27,7 @@ APPLIED = "criproxy.io/applied"
 def write_config(sockdir: Path, text: str = "") -> Path:
     path = sockdir / "criproxy.yaml"
     path.write_text(f"listen: unix://{sockdir}/proxy.sock\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
-                    f"shutdown-grace-seconds: 0\n{text}")
+                    f"shutdown-grace-seconds: 0\nmetrics-address: 127.0.0.1:0\n{text}")
     return path
 
 

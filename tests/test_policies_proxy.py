@@ -44,7 +44,8 @@ def run(loop: LoopThread, fake: FakeRuntime, sockdir: Path) -> Iterator[Any]:
         policy_file.write_text(policy_text(policy))
         config_file = sockdir / "criproxy.yaml"
         config_file.write_text(f"listen: unix://{sockdir}/proxy.sock\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
-                               f"policies: {policy_file}\nshutdown-grace-seconds: 0\n{extra}")
+                               f"policies: {policy_file}\nshutdown-grace-seconds: 0\nmetrics-address: 127.0.0.1:0\n"
+                               f"{extra}")
         proxy = loop.run(start_proxy(build_config({}, config_file)))
         proxies.append(proxy)
         fake.journal.clear()

@@ -44,7 +44,8 @@ class ProxyProcess:
     def start(self) -> ProxyProcess:
         stderr = self.log.open("a") if self.log is not None else subprocess.PIPE
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "criproxy", "serve", "--listen", self.endpoint, *self.args],
+            [sys.executable, "-m", "criproxy", "serve", "--listen", self.endpoint, *self.args,
+             *(() if "--metrics-address" in self.args else ("--metrics-address", "127.0.0.1:0"))],
             stderr=stderr, text=True, cwd=ROOT)
         try:
             wait_serving(self.proc, self.socket)
