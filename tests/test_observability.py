@@ -165,7 +165,7 @@ def test_intercepted_call_span_has_the_pod_and_a_decision_event(observed: tuple[
         "method": "RuntimeService/CreateContainer", "interceptor": "resources", "action": "applied",
         "setting": "oom-score-adj", "annotation": "oom-score-adj.criproxy.io/pod", "value": "1000"}
     assert entry["diff"] == {"field": "config.linux.resources.oom_score_adj", "from": 0, "to": 1000}
-    status, text = http_get(proxy, "/metrics")
+    _, text = http_get(proxy, "/metrics")
     assert sample(text, "criproxy_decisions_total", interceptor="resources", rule="", action="applied",
                   setting="oom-score-adj") == 1
 
