@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +54,17 @@ class ProxyProcess:
             self.stop()
             raise
         return self
+
+    def metrics_url(self, timeout: float = 10) -> str:
+        """The /metrics URL the proxy logged at start (it listens on an ephemeral port in tests)."""
+        assert self.log is not None, "metrics_url needs a log file"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"metrics and health on (http://\S+/metrics)", self.log.read_text())
+            if match:
+                return match.group(1)
+            time.sleep(0.05)
+        raise AssertionError(f"no metrics address in {self.log}")
 
     def stop(self, timeout: float = 15) -> int | None:
         if self.proc is None:
