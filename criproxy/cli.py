@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from criproxy import __version__
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in SETTINGS:
         serve.add_argument(setting.flag, dest=setting.attr, metavar=setting.metavar, help=setting.help)
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file with any of the settings above")
+    serve.add_argument("--takeover", action="store_true",
+                       help="replace the criproxy serving on --listen without refusing a connection: bind beside "
+                       "it, rename over its socket; the old process drains its calls and exits (an upgrade)")
 
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
@@ -73,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     from criproxy.server import serve
 
     flags = {s.key: getattr(args, s.attr) for s in SETTINGS}
-    config = build_config(flags, args.config)
+    config = replace(build_config(flags, args.config), takeover=args.takeover)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(config))

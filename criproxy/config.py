@@ -66,6 +66,8 @@ class ServeConfig:
     decision_log_max_bytes: int = 50 * MiB
     #: The file the settings came from, for messages; None when only flags were used.
     config_file: Path | None = None
+    #: Replace a running proxy on --listen without downtime (command line only: an upgrade is an act).
+    takeover: bool = False
 
 
 def _endpoint(value: Any, where: str) -> Endpoint:

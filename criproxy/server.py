@@ -29,12 +29,17 @@ from criproxy.pipeline import DecisionSink, Pipeline, all_of, log_decisions, met
 from criproxy.policies import Policy
 from criproxy.policies.store import PolicyStore
 from criproxy.relay import Hooks, Relay
+from criproxy.sdnotify import notify
 from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
 from criproxy.state import ContainerIndex
 from criproxy.tracing import Tracing, observe_call, record_decisions, tracing_from_env
 from criproxy.upstream import Upstream, call_typed
 
 log = logging.getLogger(__name__)
+
+
+#: How often a running proxy checks whether a successor took its socket path over.
+SUCCESSOR_POLL_S = 0.2
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -216,7 +221,9 @@ async def start_proxy(config: ServeConfig, hooks: Hooks | None = None, *, regist
     runtime_endpoint = config.runtime_endpoint or find_runtime_endpoint(config.listen)
     if runtime_endpoint.path == config.listen.path:
         raise ConfigError(f"--runtime-endpoint {runtime_endpoint} is the proxy's own --listen socket")
-    prepare_listen_path(config.listen.path)
+    if prepare_listen_path(config.listen.path, takeover=config.takeover):
+        log.info("--takeover: a running server answers on %s; its socket will be replaced by this process's",
+                 config.listen)
     obs = build_observability(config, registry, span_exporter)
     runtime, image = build_upstreams(config, runtime_endpoint)
     try:
@@ -261,20 +268,38 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
 
 
 async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain for the grace period and remove the socket."""
+    """Serve until SIGTERM or SIGINT, or until a successor takes the socket over (--takeover); then
+    drain for the grace period and remove the socket (unless it is the successor's)."""
     proxy = await start_proxy(config, hooks)
+    notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving {config.listen}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if proxy.policies is not None:
         loop.add_signal_handler(signal.SIGHUP, proxy.policies.reload, "SIGHUP")
+    watcher = loop.create_task(watch_for_successor(config.listen.path, proxy.socket_inode, stop))
     try:
         await stop.wait()
         log.info("stopping: draining in-flight calls for up to %.1f s", config.shutdown_grace_seconds)
+        notify("STOPPING=1")
     finally:
+        watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await proxy.stop()
     log.info("stopped; removed %s", config.listen.path)
+
+
+async def watch_for_successor(path: str, inode: int, stop: asyncio.Event) -> None:
+    """Set `stop` when the socket path names another socket: a newer criproxy took it over."""
+    while not stop.is_set():
+        await asyncio.sleep(SUCCESSOR_POLL_S)
+        try:
+            current = os.lstat(path).st_ino
+        except FileNotFoundError:
+            continue  # removed by hand: keep serving the connections we have; systemd decides
+        if current != inode:
+            log.info("%s was taken over by a newer criproxy; handing over", path)
+            stop.set()

@@ -7,6 +7,9 @@ Notes:
   anything that is not a socket is never touched.
 - The socket is bound at a temporary name beside the final one, given its mode and group, and
   then renamed over the final path, so the kubelet never sees it with the wrong permissions.
+- The same rename is the zero-downtime upgrade (--takeover): the path switches to the new
+  process's socket atomically, so a connecting kubelet always finds a listener; the old
+  process sees its path now names another socket, drains its in-flight calls and exits.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def probe_socket(path: str, timeout: float = 1.0) -> bool:
         return True
 
 
-def prepare_listen_path(path: str) -> None:
-    """Make the parent directory; refuse a live socket or a non-socket; remove a stale socket."""
+def prepare_listen_path(path: str, *, takeover: bool = False) -> bool:
+    """Make the parent directory; refuse a non-socket; remove a stale socket; refuse a live socket
+    unless `takeover` (an upgrade: the new socket will be renamed over it). True when a live server
+    is being taken over."""
     target = Path(path)
     parent = target.parent
     try:
@@ -49,17 +54,20 @@ def prepare_listen_path(path: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISLNK(st.st_mode):
         raise ConfigError(f"--listen {path}: is a symbolic link; refusing to serve through it (remove it)")
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"--listen {path}: exists and is not a socket; refusing to replace it (move it away)")
     if probe_socket(path):
+        if takeover:
+            return True
         raise ConfigError(
             f"--listen {path}: another server is answering on this socket (a running criproxy?); "
-            "stop it first, or listen elsewhere"
+            "stop it first, listen elsewhere, or replace it without downtime with --takeover"
         )
     os.unlink(path)
+    return False
 
 
 def temporary_path(path: str) -> str:
