@@ -64,6 +64,9 @@ class ServeConfig:
     decision_log: Path | None = None
     #: Rotate the decision log file past this size (5 old files kept).
     decision_log_max_bytes: int = 50 * MiB
+    #: Calls served at once (streams included); past it a call fails at once with RESOURCE_EXHAUSTED,
+    #: so a hung runtime cannot make the proxy queue without bound.
+    max_concurrent_calls: int = 1000
     #: The file the settings came from, for messages; None when only flags were used.
     config_file: Path | None = None
     #: Replace a running proxy on --listen without downtime (command line only: an upgrade is an act).
@@ -174,6 +177,12 @@ def _log_size(value: Any, where: str) -> int:
     return int(number) * factor
 
 
+def _calls(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit() or not 1 <= int(str(value)) <= 100_000:
+        raise ConfigError(f"{where}: expected a whole number from 1 to 100000, got {value!r}")
+    return int(str(value))
+
+
 def _log_level(value: Any, where: str) -> str:
     level = _string(value, where).upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -225,6 +234,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("decision-log", _log_path, "FILE",
             "write one JSON line per interceptor/policy decision here (- for stderr); default: main log only"),
     Setting("decision-log-max-bytes", _log_size, "SIZE", "rotate the decision log past this size (default 50Mi)"),
+    Setting("max-concurrent-calls", _calls, "N",
+            "calls served at once, streams included; more fail at once with RESOURCE_EXHAUSTED (default 1000)"),
     Setting("container-cache-size", _count, "N",
             f"containers remembered for UpdateContainerResources before the least recently used is looked up "
             f"again (default {DEFAULT_MAX_ENTRIES})"),

@@ -250,7 +250,8 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
 
     start_http(config, obs, ready)
     relay = Relay(runtime, image, hooks if hooks is not None else pipeline, metrics=obs.metrics, tracing=obs.tracing)
-    server = grpc.aio.server(options=server_options(config.max_message_bytes))
+    server = grpc.aio.server(options=server_options(config.max_message_bytes),
+                             maximum_concurrent_rpcs=config.max_concurrent_calls)
     server.add_generic_rpc_handlers((relay,))
     temp = temporary_path(config.listen.path)
     if server.add_insecure_port("unix://" + temp) == 0:

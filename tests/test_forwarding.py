@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
 
 from criproxy.api.runtime.v1 import api_pb2
+from criproxy.config import ServeConfig
 from criproxy.methods import METHODS
-from criproxy.server import Proxy
+from criproxy.server import Proxy, start_proxy
 from tests.support.fakeruntime import FakeRuntime, Reply
+from tests.support.loopthread import LoopThread
 
 UNARY = sorted(k for k, m in METHODS.items() if not m.server_streaming)
 STREAMS = sorted(k for k, m in METHODS.items() if m.server_streaming)
@@ -236,3 +239,35 @@ def test_unknown_method_with_an_early_runtime_error_keeps_its_status(fake: FakeR
         with pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary(path)(b"x", timeout=5)
         assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, "not now")
+
+
+def test_a_hung_runtime_cannot_make_the_proxy_queue_without_bound(loop: LoopThread, fake: FakeRuntime,
+                                                                  proxy_config: ServeConfig) -> None:
+    config = replace(proxy_config, max_concurrent_calls=4)
+    proxy = loop.run(start_proxy(config))
+    fake.script("RuntimeService/ExecSync", Reply(hang=True))
+    try:
+        with grpc.insecure_channel(proxy.config.listen.target) as chan:
+            hung = [chan.unary_unary("/runtime.v1.RuntimeService/ExecSync").future(b"", timeout=30)
+                    for _ in range(4)]
+            deadline = time.monotonic() + 5
+            while len(fake.received("RuntimeService/ExecSync")) < 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - began < 2, "the call over the limit must fail at once, not queue"
+            for future in hung:
+                future.cancel()
+            deadline = time.monotonic() + 5
+            while True:  # the slots free up as the hung calls are cancelled
+                try:
+                    chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+    finally:
+        loop.run(proxy.stop(0))
