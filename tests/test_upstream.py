@@ -166,3 +166,23 @@ def test_separate_image_endpoint_gets_image_calls(loop: LoopThread, sockdir: Pat
     finally:
         loop.run(proxy.stop(0))
         loop.run(images.stop())
+
+
+def test_open_stream_ends_with_a_clean_status_when_the_runtime_dies(loop: LoopThread, sockdir: Path,
+                                                                    proxy_config: ServeConfig) -> None:
+    runtime = run_fake(loop, sockdir, ("v1",))
+    runtime.script("RuntimeService/GetContainerEvents", Reply(messages=[b"e"] * 10_000, delay=0.01))
+    proxy = start(loop, proxy_config)
+    try:
+        with grpc.insecure_channel(proxy_config.listen.target) as chan:
+            events = chan.unary_stream("/runtime.v1.RuntimeService/GetContainerEvents")(b"", timeout=60)
+            assert next(events) == b"e"
+            loop.run(runtime.stop())
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                for _ in events:
+                    pass
+            assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            assert time.monotonic() - began < 5, "the caller's stream must end, not hang"
+    finally:
+        loop.run(proxy.stop(0))

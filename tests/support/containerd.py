@@ -249,14 +249,7 @@ conf_dir = {q(str(self.cni_conf_dir))}
             pause_image(images / "pause.tar", PAUSE_IMAGE, images / "pause-build"),
             busybox_image(images / "busybox.tar", BUSYBOX_IMAGE),
         ]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                ["containerd", "--config", str(self.config_path), "--log-level", "info"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._launch()
         try:
             self._wait_for_cri()
             for archive in archives:
@@ -268,6 +261,31 @@ conf_dir = {q(str(self.cni_conf_dir))}
             except ContainerdError as cleanup:
                 error.add_note(f"cleaning up after the failed start failed too: {cleanup}")
             raise
+
+    def _launch(self) -> None:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                ["containerd", "--config", str(self.config_path), "--log-level", "info"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def crash(self) -> None:
+        """SIGKILL containerd alone, as a crash would: its shims and containers live on."""
+        if self._process is None:
+            raise ContainerdError("containerd is not running")
+        self._process.kill()
+        self._process.wait(timeout=self.stop_timeout)
+        self._process = None
+
+    def revive(self) -> None:
+        """Start containerd again on the same state, as systemd restarts it; wait until the CRI answers."""
+        if self._process is not None:
+            raise ContainerdError("containerd is already running")
+        self._launch()
+        self._wait_for_cri()
 
     def _cri_client(self) -> CriClient:
         return CriClient(self.endpoint)
