@@ -12,7 +12,7 @@ own work and the benchmark's "direct" figures measure the transport, not this sc
 - RuntimeService/ListContainers answers `--containers` realistic Container messages (64-hex ids,
   kubelet labels and annotations, image references by digest).
 - RuntimeService/GetContainerEvents streams small ContainerEventResponse messages; how many is
-  the request's `x-bench-messages` metadata, or `--events`.
+  the request's `x-bench-messages` metadata, or `--events`, paced by `x-bench-interval` seconds.
 - Every other runtime.v1 method answers one empty message (a valid value of every CRI response).
 - Requests are never parsed.
 
@@ -44,6 +44,8 @@ from criproxy.api.runtime.v1 import api_pb2
 from criproxy.methods import METHODS
 
 MESSAGES_METADATA = "x-bench-messages"
+#: Seconds between stream messages (bench/soak.py keeps long-lived, mostly idle event streams open).
+INTERVAL_METADATA = "x-bench-interval"
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_STREAM_MESSAGES = 10_000_000
 _EVENT_VARIETY = 256
@@ -124,13 +126,17 @@ def canned_unary(response: bytes) -> UnaryHandler:
 
 def canned_stream(messages: list[bytes], default_count: int) -> StreamHandler:
     async def handle(request: bytes, context: Any) -> AsyncIterator[bytes]:
-        count = default_count
+        count, interval = default_count, 0.0
         for key, value in context.invocation_metadata() or ():
             if key == MESSAGES_METADATA:
                 count = min(int(value), MAX_STREAM_MESSAGES)
+            elif key == INTERVAL_METADATA:
+                interval = float(value)
         variety = len(messages)
         for i in range(count):
             yield messages[i % variety]
+            if interval:
+                await asyncio.sleep(interval)
 
     return handle
 
