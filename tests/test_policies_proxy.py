@@ -338,3 +338,23 @@ def test_policy_file_writable_by_others_is_refused(loop: LoopThread, fake: FakeR
     assert str(caught.value) == (f"policy file {policy_file}: {policy_file} is writable by others than its owner "
                                  f"(mode 0666); run chmod go-w {policy_file}")
 
+
+
+@pytest.mark.parametrize("via_symlink", [False, True], ids=["file", "symlink-to-it"])
+def test_policy_file_owned_by_another_user_is_refused(sockdir: Path, via_symlink: bool) -> None:
+    from criproxy.errors import ConfigError
+    from criproxy.policies.store import load_policy
+
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    target = sockdir / "theirs.yaml"
+    target.write_text(policy_text(DEMO))
+    os.chown(target, 12345, 12345)
+    path = target
+    if via_symlink:  # as a ConfigMap mounts files: the link may be fine, what it points at decides
+        path = sockdir / "policies.yaml"
+        path.symlink_to(target)
+    with pytest.raises(ConfigError) as caught:
+        load_policy(path, Lookup())
+    assert str(caught.value) == (f"policy file {path}: {target} is owned by uid 12345, not by root or the proxy's "
+                                 "user; chown it")
