@@ -9,14 +9,14 @@ os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_li
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from criproxy.config import ServeConfig
+from criproxy.config import ServeConfig, build_config
 from criproxy.endpoints import parse_endpoint
 from criproxy.server import Proxy, start_proxy
 from tests.support.fakeruntime import FakeRuntime
@@ -70,6 +70,26 @@ def channel(proxy: Proxy) -> Iterator[grpc.Channel]:
         ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)
     ]) as chan:
         yield chan
+
+
+@pytest.fixture
+def configured(loop: LoopThread, fake: FakeRuntime, sockdir: Path) -> Iterator[Callable[[str], Proxy]]:
+    """Start proxies as `criproxy serve --config FILE` would, in front of the fake runtime: the YAML
+    text given is appended to the socket settings (its journal starts empty)."""
+    proxies: list[Proxy] = []
+
+    def start(text: str = "") -> Proxy:
+        path = sockdir / "criproxy.yaml"
+        path.write_text(f"listen: unix://{sockdir}/proxy.sock\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
+                        f"shutdown-grace-seconds: 0\nmetrics-address: 127.0.0.1:0\n{text}")
+        proxy = loop.run(start_proxy(build_config({}, path)))
+        proxies.append(proxy)
+        fake.journal.clear()
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        loop.run(proxy.stop(0))
 
 
 def config_with(config: ServeConfig, **changes: object) -> ServeConfig:

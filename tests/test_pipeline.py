@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +11,7 @@ import pytest
 from criproxy.adjust import Adjustment, Change
 from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.config import ServeConfig, build_config
+from criproxy.config import ServeConfig
 from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
 from criproxy.pipeline import Pipeline
 from criproxy.server import Proxy, start_proxy
@@ -22,29 +20,6 @@ from tests.support.loopthread import LoopThread
 
 UNKNOWN_FIELD = b"\xba\x3e\x05hello"  # field 999: not in any CRI message
 APPLIED = "criproxy.io/applied"
-
-
-def write_config(sockdir: Path, text: str = "") -> Path:
-    path = sockdir / "criproxy.yaml"
-    path.write_text(f"listen: unix://{sockdir}/proxy.sock\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
-                    f"shutdown-grace-seconds: 0\nmetrics-address: 127.0.0.1:0\n{text}")
-    return path
-
-
-@pytest.fixture
-def configured(loop: LoopThread, fake: FakeRuntime, sockdir: Path) -> Iterator[Any]:
-    proxies: list[Proxy] = []
-
-    def start(text: str = "") -> Proxy:
-        config = build_config({}, write_config(sockdir, text))
-        proxy = loop.run(start_proxy(config))
-        proxies.append(proxy)
-        fake.journal.clear()
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        loop.run(proxy.stop(0))
 
 
 def call(proxy: Proxy, key: str, request: bytes) -> bytes:

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +36,14 @@ def policy_text(body: str) -> str:
 
 
 @pytest.fixture
-def run(loop: LoopThread, fake: FakeRuntime, sockdir: Path) -> Iterator[Any]:
-    proxies: list[Proxy] = []
-
+def run(configured: Callable[[str], Proxy], sockdir: Path) -> Callable[..., Proxy]:
+    """Start a proxy with this policy (and extra config-file text)."""
     def start(policy: str, extra: str = "") -> Proxy:
         policy_file = sockdir / "policies.yaml"
         policy_file.write_text(policy_text(policy))
-        config_file = sockdir / "criproxy.yaml"
-        config_file.write_text(f"listen: unix://{sockdir}/proxy.sock\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
-                               f"policies: {policy_file}\nshutdown-grace-seconds: 0\nmetrics-address: 127.0.0.1:0\n"
-                               f"{extra}")
-        proxy = loop.run(start_proxy(build_config({}, config_file)))
-        proxies.append(proxy)
-        fake.journal.clear()
-        return proxy
+        return configured(f"policies: {policy_file}\n{extra}")
 
-    yield start
-    for proxy in proxies:
-        loop.run(proxy.stop(0))
+    return start
 
 
 def sandbox(namespace: str, annotations: dict[str, str], name: str = "web") -> api_pb2.PodSandboxConfig:
@@ -114,7 +104,7 @@ def test_value_outside_the_rule_is_denied_with_a_message_for_the_pods_owner(run:
     digest = proxy.policies.current.policies.digest if proxy.policies else ""
     assert err.details() == (
         f"criproxy: container 'app' of pod demo/web denied by policy rule 'demo' ({proxy.config.policies}@{digest}): "
-        "memory-limit.criproxy.io/pod='768Mi': '768Mi' is not allowed; allowed: -inf..536870912")
+        "memory-limit.criproxy.io/pod='768Mi': '768Mi' is not allowed; allowed: at most 512Mi")
     assert fake.received(CREATE_CONTAINER) == []
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -67,12 +67,13 @@ class AnnotationPolicy:
         name = rule.name if rule is not None else ""
         violations = self._violations(ctx, rule, changes)
         drift = self._drift(ctx)
-        if drift is not None and self.policies.drift != "ignore":
-            if self.policies.drift == "deny" and mode == "enforce":
-                violations.append(drift)
-            else:
-                return self._verdict(ctx, name, mode if mode != "enforce" else "audit", changes, [*violations, drift])
-        return self._verdict(ctx, name, mode, changes, violations)
+        if drift is None or self.policies.drift == "ignore":
+            return self._verdict(ctx, name, mode, changes, violations)
+        if self.policies.drift == "deny":
+            return self._verdict(ctx, name, mode, changes, [*violations, drift])
+        review = self._verdict(ctx, name, mode, changes, violations)  # drift: audit, whatever the mode
+        noted = Decision(AUDITED, name, mode, drift.setting, drift.key, drift.value, drift.reason)
+        return replace(review, decisions=(noted, *review.decisions))
 
     def _verdict(self, ctx: CallContext, rule: str, mode: str, changes: Sequence[Change],
                  violations: list[Violation]) -> Review:
@@ -134,8 +135,13 @@ class AnnotationPolicy:
         return [Violation(name, "", "", f"rule {rule.name!r} requires the annotation "
                           f"{self.lookup.prefix(name)}/pod (or a container-scope one)")
                 for name, setting in rule.settings.items()
-                if setting.required and not name.endswith("*")
-                and self.lookup.find(ctx.pod.annotations, name, ctx.container) is None]
+                if setting.required and not name.endswith("*") and not self._has(ctx, name)]
+
+    def _has(self, ctx: CallContext, setting: str) -> bool:
+        """Whether the call's pod sets `setting`: for the container at hand, or (for the sandbox) for any."""
+        if self.lookup.find(ctx.pod.annotations, setting, ctx.container) is not None:
+            return True
+        return ctx.method == RUN_POD_SANDBOX and bool(self.lookup.container_scoped_keys(ctx.pod.annotations, setting))
 
     def _effective(self, ctx: CallContext, rule: Rule, changes: Sequence[Change]) -> list[Violation]:
         out = []
@@ -143,6 +149,8 @@ class AnnotationPolicy:
             setting = rule.setting(name)
             if setting is None or not setting.effective:
                 continue
+            if any(c.setting == name and c.key for c in changes):
+                continue  # set from an annotation: its value was checked as the annotation's
             value = effective_value(ctx, name, {c.path: c.value for c in changes})
             if value is not None and (why := setting.refusal(value)) is not None:
                 out.append(Violation(name, "", value, f"the {name} the runtime would get is not allowed: {why}"))

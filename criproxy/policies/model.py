@@ -66,6 +66,8 @@ class SettingRule:
     forbid: tuple[str, ...] = ()
     minimum: Fraction | None = None
     maximum: Fraction | None = None
+    #: The bounds as the file wrote them (512Mi, 500m), for messages.
+    bounds_text: tuple[str, str] = ("", "")
     default: str | None = None
     required: bool = False
     effective: bool = False
@@ -87,6 +89,8 @@ class SettingRule:
         if any(g.fullmatch(text) for g in self._value_globs) or any(p.fullmatch(text) for p in self.patterns):
             return None
         if self.minimum is not None or self.maximum is not None:
+            if self.kind == "cpus" and text == "disable" and self.maximum is None:
+                return None  # no quota is above any minimum
             number = _number(text, self.kind)
             if number is not None and self._in_range(number):
                 return None
@@ -97,10 +101,13 @@ class SettingRule:
 
     def describe(self) -> str:
         parts = [*self.values, *(f"/{p.pattern}/" for p in self.patterns)]
-        if self.minimum is not None or self.maximum is not None:
-            low = "" if self.minimum is None else _fmt(self.minimum)
-            high = "" if self.maximum is None else _fmt(self.maximum)
-            parts.append(f"{low or '-inf'}..{high or 'inf'}")
+        low, high = self.bounds_text
+        if low and high:
+            parts.append(f"{low} to {high}")
+        elif low:
+            parts.append(f"at least {low}")
+        elif high:
+            parts.append(f"at most {high}")
         return ", ".join(parts) or "any value"
 
 
@@ -371,6 +378,8 @@ def _setting(r: _Reader, setting: str, value: Any, path: Path_) -> SettingRule:
     rule = SettingRule(
         setting=setting, kind=kind, values=values, patterns=patterns, forbid=forbid,
         minimum=bounds.get("min"), maximum=bounds.get("max"),
+        bounds_text=(str(spec.get("min", "")) if "min" in bounds else "", str(spec.get("max", "")) if "max" in bounds
+                     else ""),
         default=r.scalar_string(spec["default"], (*path, "default")) if "default" in spec else None,
         required=r.boolean(spec.get("required", False), (*path, "required")), effective=effective,
         _value_globs=tuple(map(_glob, values)), _forbid_globs=tuple(map(_glob, forbid)))
@@ -402,5 +411,5 @@ def _bounds(r: _Reader, setting: str, kind: str, spec: Mapping[str, Any], path: 
 def _pattern(r: _Reader, text: str, path: Path_) -> re.Pattern[str]:
     try:
         return re.compile(text)
-    except re.error as err:
+    except (re.error, OverflowError, RecursionError) as err:
         raise r.doc.error(path, f"not a valid regular expression: {err}") from None

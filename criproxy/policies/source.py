@@ -18,6 +18,7 @@ import yaml
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_VALUES = 100_000
+_PLAIN_COLLECTIONS = frozenset({"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"})
 
 Path_ = tuple[str | int, ...]
 
@@ -58,10 +59,13 @@ class Document:
 
 def load(text: str | bytes, file: str) -> Document:
     """Parse one YAML document; SourceError on anything but a single, bounded, plain-data document."""
-    if len(text) > MAX_BYTES:
-        raise SourceError(file, None, (), f"is {len(text)} bytes; a policy file may be at most {MAX_BYTES}")
+    size = len(text.encode()) if isinstance(text, str) else len(text)
+    if size > MAX_BYTES:
+        raise SourceError(file, None, (), f"is {size} bytes; a policy file may be at most {MAX_BYTES}")
     try:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except RecursionError:  # PyYAML's composer recurses per level, long before MAX_DEPTH is checked
+        raise SourceError(file, None, (), f"nested deeper than {MAX_DEPTH} levels") from None
     except yaml.MarkedYAMLError as err:
         line = err.problem_mark.line + 1 if err.problem_mark is not None else None
         raise SourceError(file, line, (), f"not valid YAML: {err.problem}") from None
@@ -89,6 +93,9 @@ class _Builder:
         if depth > MAX_DEPTH:
             raise SourceError(self.file, node.start_mark.line + 1, path, f"nested deeper than {MAX_DEPTH} levels")
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_COLLECTIONS:
+            raise SourceError(self.file, node.start_mark.line + 1, path,
+                              f"unsupported tag {node.tag!r}; use plain values")
         if isinstance(node, yaml.MappingNode):
             return dict(self._pairs(node, path, depth))
         if isinstance(node, yaml.SequenceNode):
@@ -99,6 +106,10 @@ class _Builder:
         except yaml.YAMLError:
             raise SourceError(self.file, node.start_mark.line + 1, path,
                               f"unsupported tag {node.tag!r}; use plain values") from None
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as err:
+            raise SourceError(self.file, node.start_mark.line + 1, path,
+                              f"cannot read {node.value[:40]!r} as {node.tag.rpartition(':')[2]} ({err}); quote it "
+                              "to keep it a string") from None
 
     def _pairs(self, node: yaml.MappingNode, path: Path_, depth: int) -> Iterator[tuple[str, Any]]:
         seen: set[str] = set()
@@ -111,4 +122,5 @@ class _Builder:
             if key in seen:
                 raise SourceError(self.file, key_node.start_mark.line + 1, (*path, key), "appears twice")
             seen.add(key)
+            self.lines.setdefault((*path, key), key_node.start_mark.line + 1)  # the key's line, not its value's
             yield key, self.build(value_node, (*path, key), depth + 1)
