@@ -71,9 +71,12 @@ def parse_oom_score_adj(found: Found) -> int:
 
 
 def parse_cpu_quota(found: Found, period: int) -> int:
-    """CPUs as a quantity, times the period, in µs; `disable` is -1 (no quota)."""
+    """CPUs as a quantity, times the period, in µs; `disable` is -1 (no quota). A period that is not
+    positive (an unset or nonsensical kubelet value) counts as the kernel's default, 100 ms."""
     if found.value.strip() == "disable":
         return -1
+    if period <= 0:
+        period = DEFAULT_PERIOD_US
     accepted = "expected CPUs as a quantity (e.g. 500m, 1.5, 2) or disable"
     try:
         cpus = parse_quantity(found.value.strip())
@@ -221,7 +224,7 @@ class ResourcesInterceptor:
     @staticmethod
     def _cpu(find: Callable[[str], Found | None], current: Callable[[str], Any]) -> list[_Proposal]:
         out: list[_Proposal] = []
-        period = current("cpu_period") or DEFAULT_PERIOD_US
+        period = current("cpu_period") if current("cpu_period") > 0 else DEFAULT_PERIOD_US
         if (found := find("cpu-period")) is not None:
             period = parse_cpu_period(found)
             out.append(_Proposal("cpu-period", "cpu_period", period, found))
@@ -351,7 +354,8 @@ def _unified_limit(value: str) -> float:
 def _cpu_ratio_tighter(proposals: list[_Proposal], current: Callable[[str], Any]) -> bool:
     """Quota and period together: the CPU time per period after must not exceed what it was."""
     values = {p.field: p.value for p in proposals}
-    old_q, old_p = current("cpu_quota"), current("cpu_period") or DEFAULT_PERIOD_US
+    old_q, old_p = current("cpu_quota"), current("cpu_period")
+    old_p = old_p if old_p > 0 else DEFAULT_PERIOD_US
     new_q, new_p = values.get("cpu_quota", old_q), values.get("cpu_period", old_p)
     if old_q <= 0:
         return True
