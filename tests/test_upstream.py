@@ -131,7 +131,9 @@ def test_proxy_recovers_within_a_second_of_the_runtime_returning(loop: LoopThrea
                     version(b"", timeout=1)
                     break
                 except grpc.RpcError as err:
-                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+                    # UNAVAILABLE until reconnected; then, for the instant before Version has told the
+                    # proxy the runtime changed API, the v1 path it still uses gets UNIMPLEMENTED.
+                    assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
                     assert time.monotonic() - back < 1.0, "not serving within a second of the runtime's return"
                     time.sleep(0.02)
             assert time.monotonic() - back < 1.0
