@@ -110,6 +110,7 @@ def test_proxy_recovers_within_a_second_of_the_runtime_returning(loop: LoopThrea
                                                                  proxy_config: ServeConfig) -> None:
     first = run_fake(loop, sockdir, ("v1", "v1alpha2"))
     proxy = start(loop, proxy_config)
+    second: FakeRuntime | None = None
     try:
         with grpc.insecure_channel(proxy_config.listen.target) as chan:
             version = chan.unary_unary("/runtime.v1.RuntimeService/Version")
@@ -143,9 +144,11 @@ def test_proxy_recovers_within_a_second_of_the_runtime_returning(loop: LoopThrea
                 time.sleep(0.02)
             chan.unary_unary("/runtime.v1.RuntimeService/Status")(b"", timeout=5)
             assert second.received("RuntimeService/Status")[-1].path == "/runtime.v1alpha2.RuntimeService/Status"
-        loop.run(second.stop())
     finally:
         loop.run(proxy.stop(0))
+        for runtime in (first, second):
+            if runtime is not None:
+                loop.run(runtime.stop())
 
 
 def test_separate_image_endpoint_gets_image_calls(loop: LoopThread, sockdir: Path, fake: FakeRuntime,
