@@ -42,11 +42,23 @@ log = logging.getLogger(__name__)
 SUCCESSOR_POLL_S = 0.2
 
 
+#: Every caller connection is asked (HTTP/2 GOAWAY, gracefully: calls in flight finish, long streams
+#: go on) to reconnect after this long. Reconnecting to the socket path is how callers move to a
+#: successor after an upgrade without a call failing: stopping a gRPC server instead cancels calls
+#: that race its shutdown.
+CONNECTION_AGE_S = 10.0
+#: gRPC spreads connection ages by up to 10% either way.
+CONNECTION_AGE_JITTER = 0.1
+_FOREVER_MS = 2**31 - 1
+
+
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_connection_age_ms", int(CONNECTION_AGE_S * 1000)),
+        ("grpc.max_connection_age_grace_ms", _FOREVER_MS),
     ]
 
 
@@ -81,19 +93,21 @@ class Proxy:
     policies: PolicyStore | None = None
     observability: Observability | None = None
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish for `grace` seconds, then close everything."""
+    async def stop(self, grace: float | None = None) -> bool:
+        """Refuse new calls, let in-flight ones finish for `grace` seconds, then close everything.
+        True when the socket was removed (False: a successor owns the path now)."""
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         if self.policies is not None:
             await self.policies.stop()
         # Unlink first: a new proxy (or the kubelet's reconnect) must not find a socket nobody serves.
-        remove_if_ours(self.config.listen.path, self.socket_inode)
+        removed = remove_if_ours(self.config.listen.path, self.socket_inode)
         await self.server.stop(grace)
         await self.runtime.close()
         if self.image is not self.runtime:
             await self.image.close()
         if self.observability is not None:
             self.observability.close()
+        return removed
 
 
 def build_pipeline(config: ServeConfig, runtime: Upstream) -> Pipeline | None:
@@ -258,6 +272,9 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
         raise ConfigError(f"--listen {config.listen}: cannot bind a socket in {os.path.dirname(temp)}")
     await server.start()
     inode = publish(temp, config.listen.path, config.socket_mode, config.socket_group)
+    # Serving from here on: tell systemd now (under an upgrade it must learn the new main pid before
+    # the old process, which sees the rename, exits), not after the runtime answered.
+    notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving {config.listen}")
     await connect(runtime, image, pipeline, obs.metrics)
     log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s; interceptors: %s", __version__,
              config.listen, runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint,
@@ -272,7 +289,6 @@ async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
     """Serve until SIGTERM or SIGINT, or until a successor takes the socket over (--takeover); then
     drain for the grace period and remove the socket (unless it is the successor's)."""
     proxy = await start_proxy(config, hooks)
-    notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving {config.listen}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -283,18 +299,21 @@ async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
     try:
         await stop.wait()
         log.info("stopping: draining in-flight calls for up to %.1f s", config.shutdown_grace_seconds)
-        notify("STOPPING=1")
+        if not watcher.done() or not watcher.result():
+            notify("STOPPING=1")  # not on a handover: systemd follows the successor, the service goes on
     finally:
         watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        await proxy.stop()
-    log.info("stopped; removed %s", config.listen.path)
+        removed = await proxy.stop()
+    log.info("stopped; %s", f"removed {config.listen.path}" if removed else
+             f"left {config.listen.path} to the process that took it over")
 
 
-async def watch_for_successor(path: str, inode: int, stop: asyncio.Event) -> None:
-    """Set `stop` when the socket path names another socket: a newer criproxy took it over."""
+async def watch_for_successor(path: str, inode: int, stop: asyncio.Event) -> bool:
+    """Set `stop` (and return True) when the socket path names another socket: a newer criproxy took
+    it over."""
     while not stop.is_set():
         await asyncio.sleep(SUCCESSOR_POLL_S)
         try:
@@ -302,5 +321,12 @@ async def watch_for_successor(path: str, inode: int, stop: asyncio.Event) -> Non
         except FileNotFoundError:
             continue  # removed by hand: keep serving the connections we have; systemd decides
         if current != inode:
-            log.info("%s was taken over by a newer criproxy; handing over", path)
+            # New connections reach the successor already; the callers connected here move over as
+            # their connections reach CONNECTION_AGE_S. Serve them until then, then stop.
+            wait = CONNECTION_AGE_S * (1 + CONNECTION_AGE_JITTER) + 1
+            log.info("%s was taken over by a newer criproxy; handing over: callers move as their connections "
+                     "age, stopping in %.0f s", path, wait)
+            await asyncio.sleep(wait)
             stop.set()
+            return True
+    return False

@@ -83,8 +83,10 @@ def publish(temp: str, path: str, mode: int, group: int | None) -> int:
     return os.lstat(path).st_ino
 
 
-def remove_if_ours(path: str, inode: int) -> None:
-    """Remove the socket at `path` unless another process has replaced it since (an upgrade)."""
+def remove_if_ours(path: str, inode: int) -> bool:
+    """Remove the socket at `path` unless another process has replaced it since (an upgrade); True when removed."""
     with contextlib.suppress(FileNotFoundError):
         if os.lstat(path).st_ino == inode:
             os.unlink(path)
+            return True
+    return False

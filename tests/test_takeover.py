@@ -72,7 +72,7 @@ def test_takeover_refuses_no_call(fake: FakeRuntime, sockdir: Path) -> None:
         with Traffic(socket) as traffic:
             time.sleep(0.5)
             new = serve(sockdir, socket, "--takeover")
-            assert old.wait(20) == 0, "the old proxy did not hand over and exit cleanly"
+            assert old.wait(40) == 0, "the old proxy did not hand over and exit cleanly"
             time.sleep(0.5)  # calls keep going, to the new one
         assert traffic.failures == []
         assert traffic.done["Version"] > 50 and traffic.done["ExecSync"] >= 2

@@ -26,6 +26,7 @@ CRI table does not know (their names are chosen by callers: no unbounded label v
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -131,6 +132,13 @@ class PrometheusMetrics:
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    allow_reuse_address = True
+
+    def server_bind(self) -> None:
+        # An upgrade (serve --takeover) starts the new proxy while the old one still holds the port;
+        # both may listen on it until the old one exits (Linux allows this to the same user only).
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class _QuietHandler(WSGIRequestHandler):
