@@ -20,6 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_DOMAIN = "criproxy.io"
+#: Longest part of a value quoted in an error: the status travels in gRPC trailers, which many
+#: clients cap at 8-16 KiB (a longer one would turn INVALID_ARGUMENT into RESOURCE_EXHAUSTED).
+QUOTE_LIMIT = 200
+
+
+def quote(value: object) -> str:
+    """repr() of a value for a message, cut to QUOTE_LIMIT characters."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_LIMIT else f"{text[:QUOTE_LIMIT]}...({len(text)} characters)"
 POD, CONTAINER = "pod", "container"
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"

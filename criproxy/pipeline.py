@@ -133,12 +133,12 @@ class Pipeline:
         self._applied_key = f"{lookup.domain}/applied"
         self._pinned_key = f"{lookup.domain}/pinned"
 
-    async def before(self, call: Call, request: Message) -> Message:
+    async def before(self, call: Call, request: Message) -> Message | None:
         if call.method.key not in self._by_event:
-            return request
+            return None
         ctx = await self._context(call.method.key, request)
         if ctx is None:
-            return request
+            return None
         if self.on_context is not None:
             self.on_context(ctx)
         outcome = await self.decide(ctx)
@@ -146,11 +146,15 @@ class Pipeline:
             self.on_decisions(outcome.ctx, outcome.decisions)
         if outcome.denial is not None:
             raise _denied(outcome.denial)
+        if not outcome.modify:
+            return None  # dry-run: the runtime gets exactly what the kubelet sent
+        changed = False
+        if ctx.method == RUN_POD_SANDBOX:
+            changed = self._pin(outcome.ctx, request)
         if outcome.changes:
             self._apply(outcome.ctx, request, list(outcome.changes))
-        if ctx.method == RUN_POD_SANDBOX and outcome.modify:
-            self._pin(outcome.ctx, request)
-        return request
+            changed = True
+        return request if changed else None
 
     async def decide(self, ctx: CallContext) -> Outcome:
         """Everything the pipeline decides about one call, without changing the request.
@@ -229,7 +233,7 @@ class Pipeline:
             return None
         try:
             pinned = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return {str(k): str(v) for k, v in pinned.items()} if isinstance(pinned, dict) else None
 
@@ -293,12 +297,19 @@ class Pipeline:
             return
         request.config.annotations[self._applied_key] = stamp
 
-    def _pin(self, ctx: CallContext, request: Any) -> None:
-        """Record on the sandbox the criproxy annotations its pod has now (none: the pod stays untouched)."""
+    def _pin(self, ctx: CallContext, request: Any) -> bool:
+        """Record on the sandbox the criproxy annotations its pod has now, replacing whatever the pod
+        itself wrote under criproxy's reserved keys (<domain>/pinned, <domain>/applied): those are
+        criproxy's to write. A pod with neither stays untouched. True when the request changed."""
+        annotations = request.config.annotations
+        forged = [key for key in (self._pinned_key, self._applied_key) if key in annotations]
+        for key in forged:
+            del annotations[key]
         pinned = pinned_annotations({k: v for k, v in ctx.pod.annotations.items() if k not in ctx.injected},
                                     self.lookup.domain)
         if pinned != "{}":
-            request.config.annotations[self._pinned_key] = pinned
+            annotations[self._pinned_key] = pinned
+        return bool(forged) or pinned != "{}"
 
 
 def _denied(denial: Denial) -> CriProxyError:

@@ -2,7 +2,8 @@
 
 Notes:
 - Requests and responses are bytes: a method nobody intercepts is never parsed. Only methods
-  in `Hooks.decoded` are decoded, handed to the hooks, and re-encoded (unknown fields kept).
+  in `Hooks.decoded` are decoded and handed to the hooks; a request they changed is re-encoded
+  (unknown fields kept), one they did not change goes upstream as the caller's own bytes.
 - Which methods are unary or server-streaming comes from the descriptors (criproxy.methods).
   A path the table does not know (a newer CRI, another service on the runtime's socket) is
   served as a bidirectional stream, a shape every gRPC call fits in. A caller that sends one
@@ -13,9 +14,13 @@ Notes:
 - Metadata goes upstream as received (traceparent included, user-agent excepted: the channel
   sets its own); the caller's remaining deadline becomes the upstream deadline; the runtime's
   initial metadata, status code, details and trailing metadata come back unchanged.
-- Streams read one message from the runtime only after the previous one was written to the
-  caller (context.write waits for the caller's flow control), so a slow caller slows the
-  runtime's stream instead of growing a buffer.
+- A server stream is relayed by two parties: a reader task takes the runtime's messages into a
+  queue of at most STREAM_READ_AHEAD messages, and the handler writes them to the caller. Reading
+  the next message then overlaps writing the previous one (gRPC allows one read and one write in
+  flight per call), instead of waiting for each in turn. A slow caller still slows the runtime's
+  stream: once the queue is full the reader stops reading (context.write waits for the caller's
+  flow control), so at most STREAM_READ_AHEAD + 1 messages are held per stream. The reader ends
+  with the call: it is cancelled and awaited before the handler returns, whatever ends the call.
 """
 
 from __future__ import annotations
@@ -43,6 +48,15 @@ _DROPPED_METADATA = frozenset({"user-agent"})
 #: How long an unknown method's caller may take to half-close after its first request and still be
 #: relayed as a single-request call (unary or server-streaming; every CRI method is one of those).
 SINGLE_REQUEST_WAIT_S = 0.05
+#: How many of the runtime's stream messages the proxy reads ahead of the caller, at most (besides
+#: the one the reader holds while the queue is full). bench/forwarding.py GetContainerEvents
+#: (10,000 small events per stream), throughput vs direct, without read-ahead -> with 32, same runs:
+#: 0.44x -> 0.54x and 0.38x -> 0.61x (full), 0.44x -> 0.75x (quick); proxy CPU per message 225 ->
+#: 182 us and 223 -> 162 us (completions batch up). 4, 8 and 128 did as well as 32 within noise.
+#: Memory per stream is bounded by this many messages (and gRPC's flow-control windows).
+STREAM_READ_AHEAD = 32
+#: The name of relay_stream's reader tasks.
+READ_AHEAD_TASK = "criproxy-read-ahead"
 
 
 @dataclass(slots=True)
@@ -61,8 +75,9 @@ class Hooks(Protocol):
 
     decoded: frozenset[str]
 
-    async def before(self, call: Call, request: Message) -> Message:
-        """Return the request to send upstream (the same object, changed, or a new one); raise to refuse."""
+    async def before(self, call: Call, request: Message) -> Message | None:
+        """Return the request to send upstream (the same object, changed, or a new one), or None to send
+        the caller's bytes unchanged; raise to refuse."""
         ...
 
     async def after(self, call: Call, request: Message, response: bytes) -> None:
@@ -103,8 +118,8 @@ class NoHooks:
 
     decoded: frozenset[str] = frozenset()
 
-    async def before(self, call: Call, request: Message) -> Message:
-        return request
+    async def before(self, call: Call, request: Message) -> Message | None:
+        return None
 
     async def after(self, call: Call, request: Message, response: bytes) -> None:
         return None
@@ -226,11 +241,12 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     message = method.request_type.FromString(request)
                 except DecodeError as err:
                     raise InvalidArgument(f"criproxy: cannot decode the {method.key} request: {err}") from err
-                message = await hooks.before(call, message)
+                changed = await hooks.before(call, message)
+                if changed is not None:
+                    message, request = changed, changed.SerializeToString()
                 started = time.perf_counter()
                 try:
-                    response = await forward_unary(upstream, target(), message.SerializeToString(), context,
-                                                   call.metadata)
+                    response = await forward_unary(upstream, target(), request, context, call.metadata)
                 finally:
                     seen.runtime_seconds = time.perf_counter() - started
                 await hooks.after(call, message, response)
@@ -330,12 +346,17 @@ async def copy_requests(first: bytes | None, rest: AsyncIterator[bytes] | None, 
 
 async def relay_stream(upstream: Upstream, call: Any, context: grpc.aio.ServicerContext[bytes, bytes],
                        metrics: Metrics, key: str) -> None:
-    """Write the runtime's stream to the caller, one message at a time, then its status and trailers."""
+    """Write the runtime's stream to the caller, then its status and trailers; read ahead of the
+    caller by STREAM_READ_AHEAD messages at most (see the module's notes)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_READ_AHEAD)
+    reader = asyncio.get_running_loop().create_task(read_ahead(call, queue), name=READ_AHEAD_TASK)
     try:
         await send_initial(context, call)
-        async for message in call:
+        while isinstance(message := await queue.get(), bytes):
             await context.write(message)  # returns once the caller's flow control took it
             metrics.stream_message(key)
+        if message is not _END:
+            raise message  # the runtime's status (AioRpcError), after every message before it; else a bug
         trailing = await call.trailing_metadata()
         if trailing:
             context.set_trailing_metadata(trailing)
@@ -343,6 +364,21 @@ async def relay_stream(upstream: Upstream, call: Any, context: grpc.aio.Servicer
         await relay_error(context, err, upstream)
     finally:
         call.cancel()  # the caller went away (or the stream ended: then a no-op)
+        if not reader.done():
+            reader.cancel()
+            await asyncio.wait((reader,))  # the reader never outlives the call
+
+
+async def read_ahead(call: Any, queue: asyncio.Queue[Any]) -> None:
+    """Put the call's messages (bytes) into the queue, waiting while it is full, then one last item:
+    _END after the runtime's OK, or the exception that ended the stream (AioRpcError: its status)."""
+    last: object = _END
+    try:
+        async for message in call:
+            await queue.put(message)
+    except Exception as err:  # AioRpcError: the runtime's status; anything else: relayed as a bug
+        last = err
+    await queue.put(last)
 
 
 async def forward_unary(upstream: Upstream, path: str, request: bytes,

@@ -294,7 +294,7 @@ async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if proxy.policies is not None:
-        loop.add_signal_handler(signal.SIGHUP, proxy.policies.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGHUP, proxy.policies.reload_soon, "SIGHUP")
     watcher = loop.create_task(watch_for_successor(config.listen.path, proxy.socket_inode, stop))
     try:
         await stop.wait()

@@ -122,8 +122,8 @@ def test_sigterm_cuts_calls_that_outlast_the_grace_period(fake: FakeRuntime, soc
                 time.sleep(0.01)
             began = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(10) == 0
-            assert time.monotonic() - began < 5
+            assert proc.wait(20) == 0
+            assert time.monotonic() - began < 10  # bounded by the grace period, not by the call's 30 s
             with pytest.raises(grpc.RpcError):
                 future.result(timeout=10)
     finally:

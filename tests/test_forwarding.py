@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import grpc
 import pytest
 
+from criproxy import relay
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig
 from criproxy.methods import METHODS
@@ -271,3 +274,128 @@ def test_a_hung_runtime_cannot_make_the_proxy_queue_without_bound(loop: LoopThre
                     time.sleep(0.05)
     finally:
         loop.run(proxy.stop(0))
+
+
+# Streams: the proxy reads ahead of the caller, by relay.STREAM_READ_AHEAD messages at most.
+
+EVENTS = "/runtime.v1.RuntimeService/GetContainerEvents"
+BIG = 256 * 1024
+#: Besides the proxy's queue, HTTP/2 flow control lets the runtime->proxy and proxy->caller
+#: connections hold messages (about 11 MiB of these 256 KiB ones in all, measured); 80 is 20 MiB.
+TRANSPORT_SLACK = 80
+
+
+class CountedMessages(list[bytes]):
+    """A Reply's messages that know how many the fake runtime has taken, and whether its stream ended."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        super().__init__(messages)
+        self.taken = 0
+        self.ended = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for message in list.__iter__(self):
+                self.taken += 1
+                yield message
+        finally:  # the runtime's handler ended: every message sent, or its call cancelled
+            self.ended = True
+
+
+def big_messages(count: int) -> CountedMessages:
+    """`count` messages of 256 KiB, eight distinct ones in turn (so order is checked, memory kept small)."""
+    payloads = [bytes([i]) * BIG for i in range(8)]
+    return CountedMessages([payloads[i % 8] for i in range(count)])
+
+
+def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0) -> int:
+    """`value()` once it stayed the same for `quiet` seconds (bounded)."""
+    deadline = time.monotonic() + timeout
+    last, since = value(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "still changing"
+        time.sleep(0.02)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def read_ahead_tasks(loop: LoopThread) -> int:
+    async def count() -> int:
+        return sum(1 for task in asyncio.all_tasks() if task.get_name() == relay.READ_AHEAD_TASK)
+
+    return loop.run(count())
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("read_ahead", [4, relay.STREAM_READ_AHEAD])
+def test_a_slow_caller_is_read_ahead_of_by_a_bounded_number_of_messages(
+        read_ahead: int, fake: FakeRuntime, channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "STREAM_READ_AHEAD", read_ahead)
+    messages = big_messages(200)  # 50 MiB: a relay that buffers without bound takes them all at once
+    fake.script("RuntimeService/GetContainerEvents", Reply(messages=messages))
+    call = channel.unary_stream(EVENTS)(b"", timeout=60)
+    assert next(call) == messages[0]
+    taken = settled(lambda: messages.taken)  # the caller reads no more: the runtime must stop
+    # One written, the queue full, one in the reader's hand, the rest in flow-control windows.
+    assert taken <= 1 + read_ahead + 1 + TRANSPORT_SLACK < len(messages)
+    count = 1
+    for i, message in enumerate(call, start=1):  # the caller catches up: all of it, in order
+        assert message == messages[i]
+        count += 1
+    assert count == len(messages)
+    assert call.code() == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_caller_leaving_while_the_proxy_is_ahead_ends_the_reader_and_the_runtimes_stream(
+        how: str, loop: LoopThread, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    messages = big_messages(200)
+    fake.script("RuntimeService/GetContainerEvents", Reply(messages=messages))
+    call = channel.unary_stream(EVENTS)(b"", timeout=60 if how == "cancel" else 2)
+    assert next(call) == messages[0]
+    settled(lambda: messages.taken)  # the proxy's queue is full and its reader waits
+    assert read_ahead_tasks(loop) == 1
+    if how == "cancel":
+        call.cancel()
+    else:
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in call:
+                time.sleep(1)  # a caller too slow for its own deadline
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: read_ahead_tasks(loop) == 0, "the reader task outlived the call")
+    wait_for(lambda: messages.ended, "the runtime's stream was not cancelled")
+    assert messages.taken < len(messages)
+    assert channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
+
+
+@pytest.mark.parametrize("code", [None, grpc.StatusCode.INTERNAL])
+@pytest.mark.parametrize("path", [EVENTS, "/runtime.v1.RuntimeService/StreamSomethingNew"])
+def test_a_stream_longer_than_the_read_ahead_keeps_order_metadata_and_status(
+        code: grpc.StatusCode | None, path: str, loop: LoopThread, fake: FakeRuntime, channel: grpc.Channel) -> None:
+    if path != EVENTS:
+        fake.add_path(path, "server_stream")  # unknown to the proxy: relayed through its fallback
+    messages = [b"\x0a\x02" + i.to_bytes(2, "big") for i in range(3 * relay.STREAM_READ_AHEAD + 5)]
+    fake.script(path, Reply(messages=messages, code=code, details="event bus broke" if code else "",
+                            initial_metadata=(("x-first", "1"),), trailing_metadata=(("x-last", "2"),)))
+    call = channel.unary_stream(path)(b"", timeout=10)
+    got: list[bytes] = []
+    if code is None:
+        got.extend(call)
+    else:
+        with pytest.raises(grpc.RpcError):
+            got.extend(call)
+    assert got == messages
+    assert call.code() == (code or grpc.StatusCode.OK)
+    if code is not None:
+        assert call.details() == "event bus broke"
+    assert dict(call.initial_metadata())["x-first"] == "1"
+    assert dict(call.trailing_metadata())["x-last"] == "2"
+    wait_for(lambda: read_ahead_tasks(loop) == 0, "the reader task outlived the call")

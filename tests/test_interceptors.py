@@ -546,8 +546,9 @@ MEMORY = "expected a memory limit as a quantity of bytes (e.g. 512Mi, 2Gi), at l
         ({"unified.memory.high.criproxy.io/pod": "  "}, NO_LIMITS,
          "annotation unified.memory.high.criproxy.io/pod='  ': expected a single-line value of at most 256 bytes"),
         ({"unified.memory.high.criproxy.io/pod": "9" * 257}, NO_LIMITS,
-         f"annotation unified.memory.high.criproxy.io/pod='{'9' * 257}': expected a single-line value of at most "
-         "256 bytes"),
+         # quoted values are cut at 200 characters (the whole status must fit in gRPC trailers)
+         f"annotation unified.memory.high.criproxy.io/pod='{'9' * 199}...(259 characters): expected a single-line "
+         "value of at most 256 bytes"),
     ],
     ids=["cpu-quota-abc", "cpu-quota-0", "cpu-quota-1m-too-small", "cpu-quota-negative",
          "cpu-quota-too-small-at-annotated-period", "cpu-quota-implausible", "cpu-quota-Disable", "cpu-period-999",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from criproxy.adjust import Adjustment
+from criproxy.annotations import quote
 from criproxy.context import CallContext
 
 
@@ -13,7 +14,7 @@ class InvalidAnnotation(ValueError):
     naming the pod, the key, the raw value and what is accepted."""
 
     def __init__(self, key: str, raw: str, accepted: str) -> None:
-        super().__init__(f"annotation {key}={raw!r}: {accepted}")
+        super().__init__(f"annotation {key}={quote(raw)}: {accepted}")
         self.key, self.raw, self.accepted = key, raw, accepted
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 
 from criproxy.adjust import NOTHING, Adjustment, Change, Denial, message_at, read_field
-from criproxy.annotations import Found, Lookup
+from criproxy.annotations import Found, Lookup, quote
 from criproxy.context import CREATE_CONTAINER, UPDATE_CONTAINER_RESOURCES, CallContext
 from criproxy.interceptors.base import InvalidAnnotation
 from criproxy.options import Options
@@ -53,7 +53,7 @@ _PAGE_NAMES = ("KB", "MB", "GB", "TB", "PB")
 
 def _integer(found: Found, low: int, high: int, what: str) -> int:
     text = found.value.strip()
-    if not re.fullmatch(r"[+-]?\d{1,10}", text) or not low <= int(text) <= high:
+    if not re.fullmatch(r"[+-]?[0-9]{1,10}", text) or not low <= int(text) <= high:
         raise InvalidAnnotation(found.key, found.value, f"expected {what}, an integer from {low} to {high}")
     return int(text)
 
@@ -104,9 +104,14 @@ def parse_cpuset(found: Found) -> str:
 
 
 def cpuset_ids(text: str) -> set[int]:
+    """The ids of a list such as 0-3,8; ValueError for anything else (a kubelet's value is checked too)."""
+    if not _CPULIST.fullmatch(text):
+        raise ValueError(f"not a CPU list: {text[:64]!r}")
     ids: set[int] = set()
-    for part in filter(None, text.split(",")):
+    for part in text.split(","):
         low, _, high = part.partition("-")
+        if int(low) > MAX_CPU_ID or int(high or low) > MAX_CPU_ID or int(high or low) < int(low):
+            raise ValueError(f"not a CPU list: {text[:64]!r}")
         ids.update(range(int(low), int(high or low) + 1))
     return ids
 
@@ -300,8 +305,9 @@ class ResourcesInterceptor:
             old = current(p.field)
             if not self._tighter(p, old, proposals, current):
                 return Denial(
-                    f"criproxy: {ctx.who}: annotation {p.found.key}={p.found.value!r} would loosen "
-                    f"{p.field} from {old!r} (set by the kubelet) to {p.value!r}; annotations may only tighten "
+                    f"criproxy: {ctx.who}: annotation {p.found.key}={quote(p.found.value)} would loosen "
+                    f"{p.field} from {quote(old)} (set by the kubelet) to {quote(p.value)}; annotations may only "
+                    "tighten "
                     f"resources unless the resources interceptor's allow-loosening lists {p.setting}",
                     grpc.StatusCode.PERMISSION_DENIED)
         return None
@@ -316,7 +322,12 @@ class ResourcesInterceptor:
 
 
 def _subset(old: str, new: str) -> bool:
-    return not old or cpuset_ids(new) <= cpuset_ids(old)
+    if not old:
+        return True
+    try:
+        return cpuset_ids(new) <= cpuset_ids(old)
+    except ValueError:
+        return False  # the kubelet's set cannot be read: nothing proves the new one is narrower
 
 
 def _hugepage_tighter(old: int | None, new: int) -> bool:

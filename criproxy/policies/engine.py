@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from criproxy.adjust import Change, Denial, read_field
-from criproxy.annotations import Lookup, setting_of
+from criproxy.annotations import Lookup, quote, setting_of
 from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
 from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review
 from criproxy.policies.model import FailurePolicy, PolicySet, Rule
@@ -99,7 +99,7 @@ class AnnotationPolicy:
 
     def _message(self, ctx: CallContext, rule: str, violations: list[Violation]) -> str:
         where = f"policy rule {rule!r}" if rule else "policy"
-        details = "; ".join(f"{v.key}={v.value!r}: {v.reason}" if v.key else v.reason for v in violations)
+        details = "; ".join(f"{v.key}={quote(v.value)}: {v.reason}" if v.key else v.reason for v in violations)
         return f"criproxy: {ctx.who} denied by {where} ({self.identity}): {details}"
 
     def _present(self, ctx: CallContext) -> list[tuple[str, str, str]]:
@@ -118,8 +118,10 @@ class AnnotationPolicy:
         present = self._present(ctx)
         if rule is None:
             ns = ctx.pod.namespace
+            foreign = [(c.key, c.setting, c.raw) for c in changes
+                       if c.key and setting_of(c.key, self.lookup.domain) is None]
             return [Violation(s, k, v, f"no rule allows criproxy annotations in namespace {ns!r}")
-                    for k, s, v in present]
+                    for k, s, v in [*present, *foreign]]
         out = []
         for key, setting, value in present:
             allowed = rule.setting(setting)
@@ -127,8 +129,23 @@ class AnnotationPolicy:
                 out.append(Violation(setting, key, value, f"rule {rule.name!r} does not allow {setting}"))
             elif (why := allowed.refusal(value)) is not None:
                 out.append(Violation(setting, key, value, why))
+        out += self._foreign(rule, changes)
         out += self._required(ctx, rule)
         out += self._effective(ctx, rule, changes)
+        return out
+
+    def _foreign(self, rule: Rule, changes: Sequence[Change]) -> list[Violation]:
+        """Changes an interceptor made from keys outside criproxy's domain (the legacy seccomp
+        annotations): they need the rule's leave like criproxy's own keys."""
+        out = []
+        for c in changes:
+            if not c.key or setting_of(c.key, self.lookup.domain) is not None:
+                continue
+            allowed = rule.setting(c.setting)
+            if allowed is None:
+                out.append(Violation(c.setting, c.key, c.raw, f"rule {rule.name!r} does not allow {c.setting}"))
+            elif (why := allowed.refusal(c.raw)) is not None:
+                out.append(Violation(c.setting, c.key, c.raw, why))
         return out
 
     def _required(self, ctx: CallContext, rule: Rule) -> list[Violation]:

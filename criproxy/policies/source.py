@@ -106,7 +106,7 @@ class _Builder:
         except yaml.YAMLError:
             raise SourceError(self.file, node.start_mark.line + 1, path,
                               f"unsupported tag {node.tag!r}; use plain values") from None
-        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as err:
+        except (ValueError, LookupError, AttributeError, TypeError, OverflowError) as err:
             raise SourceError(self.file, node.start_mark.line + 1, path,
                               f"cannot read {node.value[:40]!r} as {node.tag.rpartition(':')[2]} ({err}); quote it "
                               "to keep it a string") from None

@@ -1,7 +1,8 @@
 """The policy in force: loaded at start, reloaded when the file changes or on SIGHUP.
 
 A valid new version is swapped in whole between calls (the pipeline reads the policy once per
-call, so no call sees half of one). An invalid one keeps the old policy in force and says why in
+call, so no call sees half of one). Files are read and checked on a worker thread: the event
+loop keeps serving calls meanwhile, with the old policy. An invalid one keeps the old policy in force and says why in
 the log. A policy file that others than its owner (root or the proxy's user) can write is
 refused: whoever can write it decides what every pod on the node may do.
 """
@@ -75,6 +76,7 @@ class PolicyStore:
         apply(self.current)
         log.info("policy %s in force (%d rules)", self.current.identity, len(self.current.policies.rules))
         self._watcher: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[bool]] = set()
 
     def reload(self, reason: str) -> bool:
         """Load the file again; swap it in when valid; keep the old one (and say why) when not."""
@@ -99,6 +101,12 @@ class PolicyStore:
     def start_watching(self) -> None:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="policy-watch")
 
+    def reload_soon(self, reason: str) -> None:
+        """Reload on a worker thread (a large file takes a while to check; calls must not wait for it)."""
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.reload, reason))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     async def _watch(self) -> None:
         from watchfiles import awatch
 
@@ -106,7 +114,7 @@ class PolicyStore:
         # a symlink swap), which a watch on the old file would miss.
         directory = self.path.parent
         async for _ in awatch(directory, debounce=200, step=50, recursive=False):
-            self.reload("the file changed")
+            await asyncio.to_thread(self.reload, "the file changed")
 
     async def stop(self) -> None:
         if self._watcher is not None:
