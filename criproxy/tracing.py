@@ -15,6 +15,7 @@ never a request body, so never PullImage credentials.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from criproxy import __version__
@@ -32,6 +34,7 @@ from criproxy.context import CallContext
 from criproxy.errors import ConfigError
 from criproxy.policies import Decision
 
+log = logging.getLogger(__name__)
 _PROPAGATION_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -123,6 +126,12 @@ def tracing_from_env(env: Mapping[str, str], exporter: SpanExporter | None = Non
         exporter = _exporter(name)
     provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "criproxy"),
                                                         "service.version": __version__}))
+    if provider.sampler is ALWAYS_OFF:
+        # Nothing would ever be recorded: skip the per-call work (extract, span, inject). The
+        # caller's traceparent still reaches the runtime, unchanged, with the rest of its metadata.
+        log.info("OTEL_TRACES_SAMPLER=always_off: no spans are made; trace context passes through unchanged")
+        provider.shutdown()
+        return None
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return Tracing(provider)
 

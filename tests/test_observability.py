@@ -222,3 +222,17 @@ def test_metrics_address_in_use_is_a_clear_error(loop: LoopThread, fake: FakeRun
         assert str(caught.value) == f"--metrics-address 127.0.0.1:{port}: cannot listen: Address already in use"
     finally:
         holder.close()
+
+
+def test_a_sampler_that_samples_nothing_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from criproxy.tracing import tracing_from_env
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")  # the SDK reads the sampler from the environment
+    assert tracing_from_env(os.environ) is None
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    on = tracing_from_env(os.environ)
+    assert on is not None  # a caller's sampled trace is still continued
+    on.shutdown()
