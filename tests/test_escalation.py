@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,9 +21,8 @@ import pytest
 
 from bench.fuzz_targets import REPO_POLICY, make_profile_root
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.config import build_config
 from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX
-from criproxy.server import Proxy, start_proxy
+from criproxy.server import Proxy
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread
 
@@ -35,10 +34,8 @@ TRAVERSAL = "localhost/../../etc/passwd"
 
 
 @pytest.fixture
-def start(loop: LoopThread, fake: FakeRuntime, sockdir: Path, tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+def start(configured: Callable[[str], Proxy], sockdir: Path, tmp_path: Path) -> Callable[..., Proxy]:
     """Start a proxy with a copy of the repository's policies.yaml (mode 0644) and the default interceptors."""
-    proxies: list[Proxy] = []
-
     def run(extra: str = "") -> Proxy:
         policies = sockdir / "policies.yaml"
         policies.write_bytes(REPO_POLICY.read_bytes())
@@ -47,21 +44,13 @@ def start(loop: LoopThread, fake: FakeRuntime, sockdir: Path, tmp_path: Path) ->
         if not root.exists():
             root.mkdir()
             make_profile_root(root)
-        config = sockdir / "criproxy.yaml"
-        config.write_text(
-            f"listen: unix://{sockdir}/proxy.sock\nruntime-endpoint: unix://{sockdir}/runtime.sock\n"
-            f"policies: {policies}\nshutdown-grace-seconds: 0\nmetrics-address: 'off'\n"
+        return configured(
+            f"policies: {policies}\n"
             "runtime-handler: {known: [runc, runc-alt, kata, gvisor]}\n"
             "resources: {unified-keys: [memory.high, pids.max]}\n"
             f"{extra or f'seccomp: {{profile-root: {root}/seccomp}}'}\n")
-        proxy = loop.run(start_proxy(build_config({}, config)))
-        proxies.append(proxy)
-        fake.journal.clear()
-        return proxy
 
-    yield run
-    for proxy in proxies:
-        loop.run(proxy.stop(0))
+    return run
 
 
 @pytest.fixture
