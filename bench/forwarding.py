@@ -67,6 +67,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 Metadata = tuple[tuple[str, str], ...]
+#: A variant's pseudo-variable naming the source tree its proxy runs from (--proxy-tree); it is also
+#: passed to the proxy's environment, where nothing reads it.
+PROXY_TREE_KEY = "CRIPROXY_BENCH_TREE"
 _started = time.monotonic()
 
 
@@ -100,13 +103,14 @@ _LAUNCHER = (
 class Child:
     """A subprocess of the benchmark: its log file, CPU and memory counters, and a bounded stop."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path,
+                 cwd: str = ROOT) -> None:
         self.name = name
         self.log_path = log_path
         self._log = log_path.open("wb")
         launcher = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
         self.proc = subprocess.Popen(launcher, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=ROOT)
+                                     env=env, cwd=cwd)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -227,9 +231,14 @@ class Variant:
     def label(self) -> str:
         return " ".join(f"{k}={v!r}" for k, v in self.overrides) or "inherit"
 
+    @property
+    def tree(self) -> str:
+        """The source tree the proxy runs from: this repository, or a copy given with --proxy-tree."""
+        return dict(self.overrides).get(PROXY_TREE_KEY, ROOT)
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.tree, env.get("PYTHONPATH", "")) if p)
         if ORIGINAL_GRPC_EXPERIMENTS is None:
             env.pop("GRPC_EXPERIMENTS", None)  # set by this script for the harness only
         else:
@@ -420,13 +429,16 @@ class Bench:
         address = f"unix://{directory}/criproxy.sock"
         argv = [sys.executable, "-m", "criproxy", "serve", "--listen", address,
                 "--runtime-endpoint", self.runtime_address, "--shutdown-grace-seconds", "1", *setup.args]
+        if "--metrics-address" not in setup.args:
+            # Metrics stay on, as by default, but each proxy needs a port of its own.
+            argv += ["--metrics-address", "127.0.0.1:0"]
         if setup.config_yaml is not None:
             config = self.workdir / f"proxy{index}.yaml"
             config.write_text(setup.config_yaml)
             argv += ["--config", str(config)]
         began = time.monotonic()
         child = Child(f"proxy {variant.label} ({setup.describe()})", argv, variant.env(),
-                      self.workdir / f"proxy{index}.log")
+                      self.workdir / f"proxy{index}.log", cwd=variant.tree)
         self.children.append(child)
         wait_answering(address, child)
         ready = time.monotonic() - began
@@ -780,7 +792,7 @@ def print_table(variant: Variant, rows: list[Row]) -> None:
     headers = ("metric", "direct", "proxy", "ratio", "target", "result")
     lines = [(r.metric, r.direct, r.proxy, r.ratio, r.check.target_text() if r.check else "",
               r.check.verdict() if r.check else "") for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(headers)]
     print(f"\nproxy variant: {variant.label} ({variant.effective()})")
     for line in [headers, tuple("-" * w for w in widths), *lines]:
         cells = zip(line, widths, strict=True)
@@ -866,6 +878,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str], argparse.Nam
     parser.add_argument("--proxy-env-variant", action="append", default=[], metavar="'KEY=VALUE ...'",
                         help="one more proxy variant with these environment variables, e.g. "
                              "'GLIBC_TUNABLES=glibc.malloc.trim_threshold=268435456'; repeatable")
+    parser.add_argument("--proxy-tree", action="append", default=[], metavar="DIR",
+                        help="one more proxy variant run from this copy of the source tree (its criproxy package), "
+                             "e.g. a snapshot taken before a change, to compare before and after in one run")
     parser.add_argument("--scenario", action="append", default=[], metavar="NAME",
                         help=f"run only these ({', '.join(s.name for s in scenarios())}); repeatable")
     parser.add_argument("--containers", type=int, default=1000, help="containers ListContainers answers")
@@ -876,6 +891,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str], argparse.Nam
     try:
         wanted = [Variant.for_experiments(v) for v in args.grpc_experiments]
         wanted += [Variant.parse(spec) for spec in args.proxy_env_variant]
+        wanted += [Variant(((PROXY_TREE_KEY, os.path.abspath(tree)),)) for tree in args.proxy_tree]
     except ValueError as err:
         parser.error(f"--proxy-env-variant: {err}")
     for variant in wanted or [Variant()]:

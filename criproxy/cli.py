@@ -75,11 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from criproxy.server import serve
+    from criproxy.tuning import tune_process
 
     flags = {s.key: getattr(args, s.attr) for s in SETTINGS}
     config = replace(build_config(flags, args.config), takeover=args.takeover)
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_process()  # glibc malloc: large CRI messages without page faults (criproxy/tuning.py)
     asyncio.run(serve(config))
     return 0
 

@@ -75,6 +75,7 @@ class PrometheusMetrics:
         self._per_method: dict[str, tuple[Any, Any, Any]] = {}
         self._per_code: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._connected: dict[str, bool] = {}
+        self._stream_children: dict[str, Any] = {}
 
     def _method(self, method: str) -> tuple[Any, Any, Any]:
         children = self._per_method.get(method)
@@ -102,8 +103,11 @@ class PrometheusMetrics:
     def stream_started(self, method: str) -> None:
         self.streams.labels(method).inc()
 
-    def stream_message(self, method: str) -> None:
-        self.stream_messages.labels(method).inc()
+    def stream_message(self, method: str) -> None:  # once per relayed message: the child is cached
+        child = self._stream_children.get(method)
+        if child is None:
+            child = self._stream_children[method] = self.stream_messages.labels(method)
+        child.inc()
 
     def stream_finished(self, method: str) -> None:
         self.streams.labels(method).dec()

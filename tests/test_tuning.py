@@ -1,0 +1,41 @@
+"""criproxy.tuning: the malloc settings apply under glibc, and an operator's own choice wins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from criproxy import tuning
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("environ", "reason"), [
+    ({}, None),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1024"}, None),
+    ({"GLIBC_TUNABLES": "glibc.malloc.top_pad=1"}, "GLIBC_TUNABLES sets glibc.malloc.* tunables"),
+    ({"MALLOC_ARENA_MAX": "2"}, "MALLOC_ARENA_MAX is set"),
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "LD_PRELOAD=/usr/lib/libjemalloc.so.2"),
+], ids=["nothing", "other-tunables", "malloc-tunables", "malloc-env", "jemalloc"])
+def test_the_operators_allocator_settings_win(environ: dict[str, str], reason: str | None) -> None:
+    assert tuning.operator_tuned(environ) == reason
+
+
+def tuning_log(extra_env: dict[str, str]) -> str:
+    """What tune_process logs in a fresh interpreter (the effect on page faults is bench/forwarding.py's)."""
+    code = ("import logging, sys\n"
+            "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format='%(message)s')\n"
+            "from criproxy.tuning import tune_process\n"
+            "tune_process()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", **extra_env}, check=True)
+    return done.stderr
+
+
+@pytest.mark.skipif(tuning.glibc_version() is None, reason="not glibc")
+def test_glibc_is_tuned_unless_the_operator_chose() -> None:
+    assert "malloc tuned: M_ARENA_MAX=1, M_MMAP_THRESHOLD=4194304, M_TOP_PAD=4194304" in tuning_log({})
+    assert "malloc left as the operator set it: MALLOC_ARENA_MAX is set" in tuning_log({"MALLOC_ARENA_MAX": "8"})
