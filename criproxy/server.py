@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 #: How often a running proxy checks whether a successor took its socket path over.
-SUCCESSOR_POLL_S = 0.2
+SUCCESSOR_POLL_S = 1.0
 
 
 #: Every caller connection is asked (HTTP/2 GOAWAY, gracefully: calls in flight finish, long streams
