@@ -104,6 +104,9 @@ class CallTracer(Protocol):
 
 
 Handler = Callable[[Any, Any, Seen], Awaitable[Any]]
+#: Handlers kept for reuse: every CRI path of both APIs fits many times over; unknown paths past it
+#: are served with a handler made for the call.
+MAX_CACHED_HANDLERS = 1024
 #: The metrics label of paths the CRI table does not know (callers choose those names).
 OTHER = "other"
 
@@ -164,7 +167,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         path: str = handler_call_details.method
         handler = self._handlers.get(path)
         if handler is None:
-            handler = self._handlers[path] = self._make_handler(path)
+            handler = self._make_handler(path)
+            if len(self._handlers) < MAX_CACHED_HANDLERS:  # callers choose paths: keep the cache bounded
+                self._handlers[path] = handler
         return handler
 
     def _make_handler(self, path: str) -> grpc.RpcMethodHandler[bytes, bytes]:

@@ -399,3 +399,15 @@ def test_a_stream_longer_than_the_read_ahead_keeps_order_metadata_and_status(
     assert dict(call.initial_metadata())["x-first"] == "1"
     assert dict(call.trailing_metadata())["x-last"] == "2"
     wait_for(lambda: read_ahead_tasks(loop) == 0, "the reader task outlived the call")
+
+
+def test_many_distinct_unknown_paths_do_not_grow_the_handler_cache(proxy: Proxy, fake: FakeRuntime,
+                                                                 channel: grpc.Channel) -> None:
+    from criproxy.relay import MAX_CACHED_HANDLERS
+
+    for i in range(MAX_CACHED_HANDLERS + 50):
+        with pytest.raises(grpc.RpcError) as caught:  # the fake runtime has none of them
+            channel.unary_unary(f"/runtime.v1.RuntimeService/Made_Up_{i}")(b"", timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert len(proxy.relay._handlers) == MAX_CACHED_HANDLERS
+    assert channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) is not None
