@@ -89,10 +89,6 @@ class Lookup:
         start = f"{self.prefix(setting)}/container."
         return sorted(k for k in annotations if k.startswith(start))
 
-    def settings_present(self, annotations: Mapping[str, str]) -> list[str]:
-        """The keys in `annotations` that belong to this domain (any setting): `<setting>.<domain>[/...]`."""
-        suffix = f".{self.domain}"
-        return sorted(k for k in annotations if k.partition("/")[0].endswith(suffix))
 
 
 #: Every setting criproxy's interceptors read, with how policy compares its values:

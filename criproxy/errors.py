@@ -40,22 +40,10 @@ class FailedPrecondition(CriProxyError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class Unavailable(CriProxyError):
-    """The runtime cannot be reached; the caller may retry."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
 class DeadlineExceeded(CriProxyError):
     """criproxy's own work on the call ran past its deadline."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class ResourceExhausted(CriProxyError):
-    """A bound criproxy keeps (concurrency, sizes) was reached."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class Internal(CriProxyError):

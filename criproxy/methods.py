@@ -20,7 +20,6 @@ from criproxy.api.runtime.v1 import api_pb2 as v1_pb2
 from criproxy.api.runtime.v1alpha2 import api_pb2 as v1alpha2_pb2
 
 API_VERSIONS = ("v1", "v1alpha2")
-RUNTIME_SERVICE = "RuntimeService"
 IMAGE_SERVICE = "ImageService"
 
 

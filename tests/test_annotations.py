@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from criproxy.annotations import CONTAINER, DEFAULT_DOMAIN, POD, Found, Lookup, annotation_key_problem
+from criproxy.annotations import CONTAINER, DEFAULT_DOMAIN, POD, Found, Lookup, annotation_key_problem, setting_of
 
 DOCUMENTED_SETTINGS = ("runtime-handler", "seccomp-profile", "cpu-quota", "cpu-period", "cpu-shares", "cpuset-cpus",
                        "cpuset-mems", "memory-limit", "memory-swap", "hugepages-2mi", "hugepages-1gi", "oom-score-adj",
@@ -177,8 +177,8 @@ def test_container_scoped_keys_custom_domain() -> None:
     ],
     ids=["empty", "only-own-domain-sorted", "domain-itself-and-lookalikes", "custom-domain"],
 )
-def test_settings_present(domain: str, annotations: dict[str, str], expected: list[str]) -> None:
-    assert Lookup(domain).settings_present(annotations) == expected
+def test_keys_of_the_domain(domain: str, annotations: dict[str, str], expected: list[str]) -> None:
+    assert sorted(key for key in annotations if setting_of(key, domain) is not None) == expected
 
 
 def test_prefix() -> None:

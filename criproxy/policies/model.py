@@ -111,10 +111,6 @@ class SettingRule:
         return ", ".join(parts) or "any value"
 
 
-def _fmt(number: Fraction) -> str:
-    return str(number.numerator) if number.denominator == 1 else str(float(number))
-
-
 def _number(text: str, kind: str) -> Fraction | None:
     if kind not in ("cpus", "bytes", "integer"):
         return None
