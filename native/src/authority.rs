@@ -1,0 +1,1 @@
+//! Placeholder: see the helper's work.
