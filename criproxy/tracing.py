@@ -1,32 +1,36 @@
 """OpenTelemetry traces that join the kubelet's: one server span per CRI call.
 
 The kubelet (KubeletTracing) sends a W3C `traceparent` in the call's gRPC metadata; containerd
-and CRI-O read it. The proxy extracts it, makes its own span a child of it, and replaces it
-upstream with its own span's context, so one trace runs kubelet -> criproxy -> runtime.
+and CRI-O read it. The data plane (native/src/trace.rs) decides whether a call is sampled, makes
+the proxy's span a child of the caller's, and sends the proxy span's context upstream, so one
+trace runs kubelet -> criproxy -> runtime. It times the span and queues the finished record;
+this module turns records into OpenTelemetry spans and exports them, on a thread of its own, off
+every call's path.
 
 Configured by the standard OpenTelemetry environment variables: OTEL_TRACES_EXPORTER
 (`otlp`, `console`, or `none`, the default: tracing off, and then nothing here runs),
-OTEL_EXPORTER_OTLP_ENDPOINT and friends, OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG,
-OTEL_SERVICE_NAME (default criproxy). `otlp` needs the `otlp` extra.
+OTEL_EXPORTER_OTLP_ENDPOINT and friends, OTEL_TRACES_SAMPLER (always_on, traceidratio and their
+parentbased_ forms; always_off turns tracing off) / OTEL_TRACES_SAMPLER_ARG, OTEL_SERVICE_NAME
+(default criproxy). `otlp` needs the `otlp` extra.
 
-Spans carry the OpenTelemetry RPC and Kubernetes attributes, and one event per decision;
-never a request body, so never PullImage credentials.
+Spans carry the OpenTelemetry RPC attributes; an intercepted call's span also the Kubernetes
+ones and one event per decision (SpanNotes, collected while the pipeline decides). Never a
+request body, so never PullImage credentials.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.propagate import get_global_textmap
-from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from criproxy import __version__
@@ -35,56 +39,99 @@ from criproxy.errors import ConfigError
 from criproxy.policies import Decision
 
 log = logging.getLogger(__name__)
-_PROPAGATION_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
-Metadata = Sequence[tuple[str, str | bytes]]
 
 
-class _MetadataGetter(Getter[Metadata]):
-    def get(self, carrier: Metadata, key: str) -> list[str] | None:
-        values = [v if isinstance(v, str) else v.decode("latin-1") for k, v in carrier if k == key]
-        return values or None
-
-    def keys(self, carrier: Metadata) -> list[str]:
-        return [k for k, _ in carrier]
+#: OTEL_TRACES_SAMPLER values the data plane implements (always_off turns tracing off instead).
+SAMPLERS = ("always_on", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+            "parentbased_traceidratio")
+#: Notes kept for spans whose record has not arrived yet, at most (older ones are dropped).
+MAX_PENDING_NOTES = 10_000
 
 
-_GETTER = _MetadataGetter()
+class SpanNotes(trace.Span):
+    """What the pipeline says about an intercepted call's span (attributes and decision events),
+    kept until the data plane's record of that span arrives. Current for the call's task while
+    the pipeline decides, so observe_call and record_decisions write here."""
+
+    def __init__(self, context: trace.SpanContext) -> None:
+        self.context = context
+        self.attributes: dict[str, Any] = {}
+        self.events: list[Event] = []
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return True
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def add_event(self, name: str, attributes: Mapping[str, Any] | None = None,
+                  timestamp: int | None = None) -> None:
+        self.events.append(Event(name, attributes, timestamp if timestamp is not None else time.time_ns()))
+
+    def end(self, end_time: int | None = None) -> None:
+        return None
+
+    def update_name(self, name: str) -> None:
+        return None
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        return None
+
+    def record_exception(self, exception: BaseException, attributes: Mapping[str, Any] | None = None,
+                         timestamp: int | None = None, escaped: bool = False) -> None:
+        return None
 
 
-class CallSpan:
-    """One call's span, made current for the call's task until finish()."""
-
-    def __init__(self, span: trace.Span, token: object, metadata: Metadata) -> None:
-        self.span = span
-        self._token = token
-        #: The metadata to send upstream: the caller's, with the proxy span's trace context.
-        self.metadata = metadata
-
-    def finish(self, code: str, message: str = "") -> None:
-        self.span.set_attribute("rpc.grpc.status_code", _CODES.get(code, 2))
-        if code != "OK":
-            self.span.set_status(Status(StatusCode.ERROR, f"{code}: {message}"[:256]))
-        self.span.end()
-        otel_context.detach(self._token)  # type: ignore[arg-type]
+#: One finished span from the data plane: trace id, span id, parent span id, path, start and end
+#: (ns since the epoch), gRPC status code.
+SpanRecord = tuple[bytes, bytes, bytes | None, str, int, int, int]
 
 
 class Tracing:
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, processor: SpanProcessor, sampler: str = "parentbased_always_on",
+                 ratio: float = 1.0) -> None:
         self.provider = provider
-        self.tracer = provider.get_tracer("criproxy", __version__)
-        self.propagator = get_global_textmap()
+        self.processor = processor
+        self.sampler = sampler
+        self.ratio = ratio
+        self.scope = InstrumentationScope("criproxy", __version__)
+        self.notes: OrderedDict[bytes, SpanNotes] = OrderedDict()
 
-    def start_call(self, path: str, metadata: Metadata) -> CallSpan:
-        parent = self.propagator.extract(metadata, getter=_GETTER)
+    def notes_for(self, trace_id: bytes, span_id: bytes) -> SpanNotes:
+        """Notes for the span of an intercepted call (attach them as the current span)."""
+        context = trace.SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"),
+                                    is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+        notes = self.notes[span_id] = SpanNotes(context)
+        while len(self.notes) > MAX_PENDING_NOTES:
+            self.notes.popitem(last=False)
+        return notes
+
+    def export(self, record: SpanRecord) -> None:
+        trace_id, span_id, parent_id, path, start, end, code = record
+        flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+        context = trace.SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"), False, flags)
+        parent = (trace.SpanContext(context.trace_id, int.from_bytes(parent_id, "big"), True, flags)
+                  if parent_id is not None else None)
         service, _, method = path[1:].partition("/")
-        span = self.tracer.start_span(path[1:], context=parent, kind=SpanKind.SERVER, attributes={
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
-        current = trace.set_span_in_context(span, parent)
-        token = otel_context.attach(current)
-        carrier: dict[str, str] = {}
-        self.propagator.inject(carrier, context=current)
-        outgoing = [(k, v) for k, v in metadata if k not in _PROPAGATION_KEYS] + list(carrier.items())
-        return CallSpan(span, token, outgoing)
+        attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                                      "rpc.grpc.status_code": code}
+        notes = self.notes.pop(span_id, None)
+        events: list[Event] = []
+        if notes is not None:
+            attributes.update(notes.attributes)
+            events = notes.events
+        status = Status(StatusCode.UNSET) if code == 0 else Status(StatusCode.ERROR, _NAMES[code]
+                                                                   if code < len(_NAMES) else str(code))
+        span = ReadableSpan(path[1:], context=context, parent=parent, resource=self.provider.resource,
+                            attributes=attributes, events=events, kind=SpanKind.SERVER, status=status,
+                            start_time=start, end_time=end, instrumentation_scope=self.scope)
+        self.processor.on_end(span)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -124,16 +171,26 @@ def tracing_from_env(env: Mapping[str, str], exporter: SpanExporter | None = Non
         if name in ("", "none"):
             return None
         exporter = _exporter(name)
+    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower() or "parentbased_always_on"
+    if sampler == "always_off":
+        # Nothing would ever be recorded: no per-call work at all. The caller's traceparent still
+        # reaches the runtime, unchanged, with the rest of its metadata.
+        log.info("OTEL_TRACES_SAMPLER=always_off: no spans are made; trace context passes through unchanged")
+        return None
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: criproxy supports {', '.join(SAMPLERS)} and always_off")
+    raw_ratio = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0").strip() or "1.0"
+    try:
+        ratio = float(raw_ratio)
+    except ValueError:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={raw_ratio!r}: expected a ratio from 0 to 1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={raw_ratio!r}: expected a ratio from 0 to 1")
     provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "criproxy"),
                                                         "service.version": __version__}))
-    if provider.sampler is ALWAYS_OFF:
-        # Nothing would ever be recorded: skip the per-call work (extract, span, inject). The
-        # caller's traceparent still reaches the runtime, unchanged, with the rest of its metadata.
-        log.info("OTEL_TRACES_SAMPLER=always_off: no spans are made; trace context passes through unchanged")
-        provider.shutdown()
-        return None
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Tracing(provider)
+    processor = BatchSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    return Tracing(provider, processor, sampler, ratio)
 
 
 def _exporter(name: str) -> SpanExporter:
@@ -151,7 +208,7 @@ def _exporter(name: str) -> SpanExporter:
     raise ConfigError(f"OTEL_TRACES_EXPORTER={name!r}: criproxy supports otlp, console and none")
 
 
-_CODES = {code: i for i, code in enumerate((
+_NAMES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
     "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"))}
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
