@@ -1,7 +1,7 @@
 """One exception class per gRPC status code that criproxy itself produces.
 
-Code anywhere below the server raises these; the relay converts them to a gRPC status at
-one boundary (criproxy.relay). Errors that come from the runtime are not wrapped in these:
+Code anywhere below the server raises these; the data plane's seam converts them to a gRPC
+status at one boundary (criproxy.transport.plane). Errors that come from the runtime are not wrapped in these:
 their code, details and trailing metadata travel back to the caller unchanged.
 """
 

@@ -156,7 +156,8 @@ def record_decisions(ctx: CallContext, decisions: Sequence[Decision]) -> None:
         return
     for d in decisions:
         attributes: dict[str, Any] = {"criproxy.action": d.action, "criproxy.rule": d.rule,
-                                      "criproxy.mode": d.mode, "criproxy.setting": d.setting,
+                                      "criproxy.mode": d.mode, "criproxy.interceptor": d.interceptor,
+                                      "criproxy.setting": d.setting,
                                       "criproxy.annotation": d.key, "criproxy.reason": d.reason}
         if d.change is not None:
             attributes["criproxy.field"] = d.change.path

@@ -28,6 +28,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from criproxy._native import DataPlane
 from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry
 
@@ -36,6 +37,8 @@ from criproxy.config import build_config
 from criproxy.metrics import prometheus as metrics_module
 from criproxy.metrics.prometheus import PrometheusMetrics
 from criproxy.policies.model import check_policy
+from criproxy.transport.plane import METHOD_TABLE
+from tests.support.tools import tool
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -83,7 +86,11 @@ def exported_series() -> dict[str, set[str]]:
     Names come from a real PrometheusMetrics on a fresh registry; labels from the documented table
     in criproxy/metrics/prometheus.py, which must list exactly the same series."""
     registry = CollectorRegistry()
-    PrometheusMetrics(registry)
+    # The per-call series come from the data plane's counters (a real one, never started).
+    plane = DataPlane(runtime_endpoint="unix:///run/none.sock", image_endpoint="unix:///run/none.sock",
+                      methods=METHOD_TABLE, max_message_bytes=4 << 20, max_concurrent_calls=1,
+                      connection_age_seconds=10)
+    PrometheusMetrics(registry).count_calls(plane.snapshot)
     families = {family.name: family.type for family in registry.collect()}
     documented: dict[str, tuple[str, set[str]]] = {}
     for match in re.finditer(r"^\| (criproxy_\w+) \| (\w+) \|([\w, ]*)\|", metrics_module.__doc__ or "", re.M):
@@ -468,15 +475,27 @@ def test_dashboard_is_grafana_json_over_exported_series() -> None:
 
 
 def test_promql_parses_with_promtool(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian package prometheus)")
+    promtool = tool("promtool", "prometheus")
     run([promtool, "check", "rules", MONITORING / "criproxy.rules.yaml"], check=True)
     records = [{"record": f"dashboard:query_{i}", "expr": expr.replace("$__rate_interval", "5m")
                 .replace("$instance", ".*")} for i, (_, expr) in enumerate(dashboard_queries())
                if not expr.startswith("label_values")]
     (tmp_path / "dashboard.rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": records}]}))
     run([promtool, "check", "rules", tmp_path / "dashboard.rules.yaml"], check=True)
+
+
+def test_every_alert_fires_and_stays_quiet_in_promtool_unit_tests() -> None:
+    promtool = tool("promtool", "prometheus")
+    tests = yaml.safe_load((MONITORING / "criproxy.rules.test.yaml").read_text())
+    assert tests["rule_files"] == ["criproxy.rules.yaml"]
+    evaluations = [e for case in tests["tests"] for e in case["alert_rule_test"]]
+    for alert in EXPECTED_ALERTS:
+        mine = [e for e in evaluations if e["alertname"] == alert]
+        assert any(e["exp_alerts"] for e in mine), f"no unit test shows {alert} firing"
+        assert any(not e["exp_alerts"] for e in mine), f"no unit test shows {alert} quiet"
+    done = run([promtool, "test", "rules", MONITORING / "criproxy.rules.test.yaml"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
 
 
 # ----------------------------------------------------------------------------------------- image

@@ -11,7 +11,6 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from criproxy import relay
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig
 from criproxy.methods import METHODS
@@ -276,12 +275,12 @@ def test_a_hung_runtime_cannot_make_the_proxy_queue_without_bound(loop: LoopThre
         loop.run(proxy.stop(0))
 
 
-# Streams: the proxy reads ahead of the caller, by relay.STREAM_READ_AHEAD messages at most.
+# Streams: the data plane holds no messages of its own; the HTTP/2 windows bound what is in flight.
 
 EVENTS = "/runtime.v1.RuntimeService/GetContainerEvents"
 BIG = 256 * 1024
-#: Besides the proxy's queue, HTTP/2 flow control lets the runtime->proxy and proxy->caller
-#: connections hold messages (about 11 MiB of these 256 KiB ones in all, measured); 80 is 20 MiB.
+#: HTTP/2 flow control lets the runtime->proxy and proxy->caller connections hold messages (the
+#: windows on both sides of each hop, and gRPC's own buffers); 80 of these 256 KiB ones is 20 MiB.
 TRANSPORT_SLACK = 80
 
 
@@ -321,11 +320,9 @@ def settled(value: Callable[[], int], quiet: float = 0.3, timeout: float = 10.0)
     return last
 
 
-def read_ahead_tasks(loop: LoopThread) -> int:
-    async def count() -> int:
-        return sum(1 for task in asyncio.all_tasks() if task.get_name() == relay.READ_AHEAD_TASK)
-
-    return loop.run(count())
+def calls_in_flight(proxy: Proxy) -> int:
+    """Calls the data plane is serving now, streams included."""
+    return proxy.plane.native.in_flight()
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -335,17 +332,14 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> 
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("read_ahead", [4, relay.STREAM_READ_AHEAD])
-def test_a_slow_caller_is_read_ahead_of_by_a_bounded_number_of_messages(
-        read_ahead: int, fake: FakeRuntime, channel: grpc.Channel, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(relay, "STREAM_READ_AHEAD", read_ahead)
+def test_a_slow_caller_slows_the_runtimes_stream(fake: FakeRuntime, channel: grpc.Channel) -> None:
     messages = big_messages(200)  # 50 MiB: a relay that buffers without bound takes them all at once
     fake.script("RuntimeService/GetContainerEvents", Reply(messages=messages))
     call = channel.unary_stream(EVENTS)(b"", timeout=60)
     assert next(call) == messages[0]
     taken = settled(lambda: messages.taken)  # the caller reads no more: the runtime must stop
-    # One written, the queue full, one in the reader's hand, the rest in flow-control windows.
-    assert taken <= 1 + read_ahead + 1 + TRANSPORT_SLACK < len(messages)
+    # One read by the caller, the rest in flow-control windows: the proxy buffers nothing itself.
+    assert taken <= 1 + TRANSPORT_SLACK < len(messages)
     count = 1
     for i, message in enumerate(call, start=1):  # the caller catches up: all of it, in order
         assert message == messages[i]
@@ -355,14 +349,14 @@ def test_a_slow_caller_is_read_ahead_of_by_a_bounded_number_of_messages(
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
-def test_a_caller_leaving_while_the_proxy_is_ahead_ends_the_reader_and_the_runtimes_stream(
-        how: str, loop: LoopThread, fake: FakeRuntime, channel: grpc.Channel) -> None:
+def test_a_caller_leaving_a_stream_ends_it_in_the_proxy_and_at_the_runtime(
+        how: str, proxy: Proxy, fake: FakeRuntime, channel: grpc.Channel) -> None:
     messages = big_messages(200)
     fake.script("RuntimeService/GetContainerEvents", Reply(messages=messages))
     call = channel.unary_stream(EVENTS)(b"", timeout=60 if how == "cancel" else 2)
     assert next(call) == messages[0]
-    settled(lambda: messages.taken)  # the proxy's queue is full and its reader waits
-    assert read_ahead_tasks(loop) == 1
+    settled(lambda: messages.taken)  # the windows are full: the runtime waits
+    assert calls_in_flight(proxy) == 1
     if how == "cancel":
         call.cancel()
     else:
@@ -370,7 +364,7 @@ def test_a_caller_leaving_while_the_proxy_is_ahead_ends_the_reader_and_the_runti
             for _ in call:
                 time.sleep(1)  # a caller too slow for its own deadline
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: read_ahead_tasks(loop) == 0, "the reader task outlived the call")
+    wait_for(lambda: calls_in_flight(proxy) == 0, "the call outlived its caller in the proxy")
     wait_for(lambda: messages.ended, "the runtime's stream was not cancelled")
     assert messages.taken < len(messages)
     assert channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
@@ -378,11 +372,11 @@ def test_a_caller_leaving_while_the_proxy_is_ahead_ends_the_reader_and_the_runti
 
 @pytest.mark.parametrize("code", [None, grpc.StatusCode.INTERNAL])
 @pytest.mark.parametrize("path", [EVENTS, "/runtime.v1.RuntimeService/StreamSomethingNew"])
-def test_a_stream_longer_than_the_read_ahead_keeps_order_metadata_and_status(
-        code: grpc.StatusCode | None, path: str, loop: LoopThread, fake: FakeRuntime, channel: grpc.Channel) -> None:
+def test_a_long_stream_keeps_order_metadata_and_status(
+        code: grpc.StatusCode | None, path: str, proxy: Proxy, fake: FakeRuntime, channel: grpc.Channel) -> None:
     if path != EVENTS:
         fake.add_path(path, "server_stream")  # unknown to the proxy: relayed through its fallback
-    messages = [b"\x0a\x02" + i.to_bytes(2, "big") for i in range(3 * relay.STREAM_READ_AHEAD + 5)]
+    messages = [b"\x0a\x02" + i.to_bytes(2, "big") for i in range(101)]
     fake.script(path, Reply(messages=messages, code=code, details="event bus broke" if code else "",
                             initial_metadata=(("x-first", "1"),), trailing_metadata=(("x-last", "2"),)))
     call = channel.unary_stream(path)(b"", timeout=10)
@@ -398,16 +392,16 @@ def test_a_stream_longer_than_the_read_ahead_keeps_order_metadata_and_status(
         assert call.details() == "event bus broke"
     assert dict(call.initial_metadata())["x-first"] == "1"
     assert dict(call.trailing_metadata())["x-last"] == "2"
-    wait_for(lambda: read_ahead_tasks(loop) == 0, "the reader task outlived the call")
+    wait_for(lambda: calls_in_flight(proxy) == 0, "the call outlived its stream in the proxy")
 
 
-def test_many_distinct_unknown_paths_do_not_grow_the_handler_cache(proxy: Proxy, fake: FakeRuntime,
-                                                                 channel: grpc.Channel) -> None:
-    from criproxy.relay import MAX_CACHED_HANDLERS
-
-    for i in range(MAX_CACHED_HANDLERS + 50):
+def test_many_distinct_unknown_paths_count_as_one_label(proxy: Proxy, fake: FakeRuntime,
+                                                        channel: grpc.Channel) -> None:
+    for i in range(300):
         with pytest.raises(grpc.RpcError) as caught:  # the fake runtime has none of them
             channel.unary_unary(f"/runtime.v1.RuntimeService/Made_Up_{i}")(b"", timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert len(proxy.relay._handlers) == MAX_CACHED_HANDLERS
-    assert channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) is not None
+    calls = proxy.plane.native.snapshot()["calls"]
+    assert [(method, code, count) for method, code, count, *_ in calls] == [("other", "UNIMPLEMENTED", 300)]
+    raw = channel.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5)
+    assert api_pb2.VersionResponse.FromString(raw).runtime_name == "fake-runtime"

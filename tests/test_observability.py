@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
@@ -22,6 +23,7 @@ from criproxy.server import Proxy, start_proxy
 from tests.conftest import config_with
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread
+from tests.support.waiting import eventually
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -59,6 +61,20 @@ def sample(text: str, name: str, **labels: str) -> float:
         if match and ",".join(sorted(match.group(1).split(","))) == want:
             return float(match.group(2))
     return 0.0
+
+
+def exported_spans(proxy: Proxy, exporter: InMemorySpanExporter, count: int = 1) -> tuple[ReadableSpan, ...]:
+    """The spans exported once `count` arrived: the data plane queues a finished call's span and
+    the exporter thread takes it from there, so it lands just after the call returns."""
+    assert proxy.observability is not None and proxy.observability.tracing is not None
+    tracing = proxy.observability.tracing
+
+    def arrived() -> bool:
+        tracing.provider.force_flush()
+        return len(exporter.get_finished_spans()) >= count
+
+    eventually(arrived, f"{count} span(s) exported")
+    return tuple(exporter.get_finished_spans())
 
 
 def test_metrics_count_calls_by_method_and_code(observed: tuple[Proxy, InMemorySpanExporter, Path],
@@ -119,9 +135,7 @@ def test_the_trace_runs_caller_proxy_runtime(observed: tuple[Proxy, InMemorySpan
     with grpc.insecure_channel(proxy.config.listen.target) as chan:
         chan.unary_unary("/runtime.v1.RuntimeService/ListContainers")(
             b"", timeout=5, metadata=(("traceparent", traceparent),))
-    assert proxy.observability is not None and proxy.observability.tracing is not None
-    proxy.observability.tracing.provider.force_flush()
-    (span,) = exporter.get_finished_spans()
+    (span,) = exported_spans(proxy, exporter)
     assert span.name == "runtime.v1.RuntimeService/ListContainers"
     assert format(span.context.trace_id, "032x") == TRACE_ID
     assert span.parent is not None and format(span.parent.span_id, "016x") == CALLER_SPAN
@@ -145,9 +159,7 @@ def test_intercepted_call_span_has_the_pod_and_a_decision_event(observed: tuple[
             annotations={"oom-score-adj.criproxy.io/pod": "1000"}))
     with grpc.insecure_channel(proxy.config.listen.target) as chan:
         chan.unary_unary("/runtime.v1.RuntimeService/CreateContainer")(request.SerializeToString(), timeout=5)
-    assert proxy.observability is not None and proxy.observability.tracing is not None
-    proxy.observability.tracing.provider.force_flush()
-    (span,) = exporter.get_finished_spans()
+    (span,) = exported_spans(proxy, exporter)
     assert span.attributes is not None
     assert span.attributes["k8s.namespace.name"] == "shop"
     assert span.attributes["k8s.pod.name"] == "web"
@@ -157,6 +169,7 @@ def test_intercepted_call_span_has_the_pod_and_a_decision_event(observed: tuple[
     assert event.name == "criproxy.decision"
     assert event.attributes is not None and event.attributes["criproxy.action"] == "applied"
     assert event.attributes["criproxy.field"] == "config.linux.resources.oom_score_adj"
+    assert event.attributes["criproxy.interceptor"] == "resources"
     (line,) = log_file.read_text().splitlines()
     entry = json.loads(line)
     assert {k: entry[k] for k in ("namespace", "pod", "pod_uid", "container", "method", "interceptor", "action",
@@ -177,7 +190,7 @@ def test_tracing_is_off_without_otel_configuration(loop: LoopThread, fake: FakeR
     try:
         assert proxy.observability is not None
         assert proxy.observability.tracing is None
-        assert proxy.relay.tracing is None
+        assert proxy.plane.tracing is None
     finally:
         loop.run(proxy.stop(0))
 

@@ -29,8 +29,13 @@ from prometheus_client.utils import floatToGoString
 Snapshot = dict[str, Any]
 
 
+def _bound(value: float) -> str:
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]  # the `le` text prometheus-client writes
+    return text
+
+
 def _buckets(bounds: Sequence[float], cumulative: Sequence[int]) -> list[tuple[str, float]]:
-    return [(floatToGoString(b), float(c)) for b, c in zip(bounds, cumulative, strict=False)] + [
+    return [(_bound(b), float(c)) for b, c in zip(bounds, cumulative, strict=False)] + [
         ("+Inf", float(cumulative[-1]))]
 
 

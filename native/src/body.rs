@@ -36,7 +36,11 @@ pub struct RequestTooLarge(pub u64);
 
 impl std::fmt::Display for RequestTooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the caller's request message of {} bytes is over the limit", self.0)
+        write!(
+            f,
+            "the caller's request message of {} bytes is over the limit",
+            self.0
+        )
     }
 }
 
@@ -51,7 +55,11 @@ pub struct Outgoing {
 
 impl Outgoing {
     pub fn new(inner: Incoming, limit: usize, tripped: Tripped) -> Self {
-        Outgoing { inner, framer: Framer::new(limit), tripped }
+        Outgoing {
+            inner,
+            framer: Framer::new(limit),
+            tripped,
+        }
     }
 }
 
@@ -59,7 +67,10 @@ impl Body for Outgoing {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => match frame.into_data() {
@@ -88,7 +99,12 @@ impl Body for Outgoing {
 }
 
 /// What a failed stream to the runtime means for the caller.
-pub fn failure_status(err: &(dyn std::error::Error + 'static), upstream: &Upstream, tripped: &Tripped, limit: usize) -> Status {
+pub fn failure_status(
+    err: &(dyn std::error::Error + 'static),
+    upstream: &Upstream,
+    tripped: &Tripped,
+    limit: usize,
+) -> Status {
     let over = tripped.load(Ordering::Relaxed);
     if over > 0 {
         return Status::new(
@@ -104,13 +120,22 @@ pub fn failure_status(err: &(dyn std::error::Error + 'static), upstream: &Upstre
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             match h2.reason() {
                 Some(h2::Reason::CANCEL) => {
-                    return Status::new(status::CANCELLED, "criproxy: the runtime cancelled the call");
+                    return Status::new(
+                        status::CANCELLED,
+                        "criproxy: the runtime cancelled the call",
+                    );
                 }
                 Some(h2::Reason::REFUSED_STREAM) => {
-                    return Status::new(status::UNAVAILABLE, "criproxy: the runtime refused the call (try again)");
+                    return Status::new(
+                        status::UNAVAILABLE,
+                        "criproxy: the runtime refused the call (try again)",
+                    );
                 }
                 Some(h2::Reason::ENHANCE_YOUR_CALM) => {
-                    return Status::new(status::RESOURCE_EXHAUSTED, "criproxy: the runtime asked to slow down");
+                    return Status::new(
+                        status::RESOURCE_EXHAUSTED,
+                        "criproxy: the runtime asked to slow down",
+                    );
                 }
                 _ => {}
             }
@@ -120,7 +145,13 @@ pub fn failure_status(err: &(dyn std::error::Error + 'static), upstream: &Upstre
     if !upstream.is_connected() {
         return Status::new(status::UNAVAILABLE, upstream.unreachable(&err.to_string()));
     }
-    Status::new(status::UNAVAILABLE, format!("criproxy: the call to {} endpoint {} failed: {err}", upstream.role, upstream.endpoint))
+    Status::new(
+        status::UNAVAILABLE,
+        format!(
+            "criproxy: the call to {} endpoint {} failed: {err}",
+            upstream.role, upstream.endpoint
+        ),
+    )
 }
 
 /// The runtime's response, on its way to the caller.
@@ -135,8 +166,22 @@ pub struct Relayed {
 }
 
 impl Relayed {
-    pub fn new(inner: Incoming, limit: usize, tracker: Tracker, upstream: Arc<Upstream>, tripped: Tripped) -> Self {
-        Relayed { inner: Some(inner), framer: Framer::new(limit), trailers: None, tracker, upstream, tripped, limit }
+    pub fn new(
+        inner: Incoming,
+        limit: usize,
+        tracker: Tracker,
+        upstream: Arc<Upstream>,
+        tripped: Tripped,
+    ) -> Self {
+        Relayed {
+            inner: Some(inner),
+            framer: Framer::new(limit),
+            trailers: None,
+            tracker,
+            upstream,
+            tripped,
+            limit,
+        }
     }
 
     fn end_with(&mut self, st: Status) -> Frame<Bytes> {
@@ -151,7 +196,10 @@ impl Body for Relayed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(trailers) = this.trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
@@ -179,7 +227,8 @@ impl Body for Relayed {
                 }
                 Err(frame) => {
                     if let Some(trailers) = frame.trailers_ref() {
-                        this.tracker.code = Some(status::code_of(trailers).unwrap_or(status::UNKNOWN));
+                        this.tracker.code =
+                            Some(status::code_of(trailers).unwrap_or(status::UNKNOWN));
                     }
                     this.inner = None;
                     this.tracker.runtime_done();
@@ -216,7 +265,11 @@ pub struct Whole {
 
 impl Whole {
     pub fn new(data: Option<Bytes>, trailers: Option<HeaderMap>, tracker: Option<Tracker>) -> Self {
-        Whole { data: data.filter(|d| !d.is_empty()), trailers, _tracker: tracker }
+        Whole {
+            data: data.filter(|d| !d.is_empty()),
+            trailers,
+            _tracker: tracker,
+        }
     }
 
     pub fn empty(tracker: Option<Tracker>) -> Self {
@@ -228,7 +281,10 @@ impl Body for Whole {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(data) = self.data.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }

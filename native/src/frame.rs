@@ -46,7 +46,12 @@ pub struct Framer {
 
 impl Framer {
     pub fn new(limit: usize) -> Self {
-        Framer { limit: limit as u64, state: State::Prefix, carry: BytesMut::new(), tripped: false }
+        Framer {
+            limit: limit as u64,
+            state: State::Prefix,
+            carry: BytesMut::new(),
+            tripped: false,
+        }
     }
 
     /// True between messages (no partial prefix or payload pending).
@@ -56,7 +61,11 @@ impl Framer {
 
     pub fn feed(&mut self, chunk: Bytes) -> Passed {
         if self.tripped {
-            return Passed { forward: Bytes::new(), oversize: None, started: 0 };
+            return Passed {
+                forward: Bytes::new(),
+                oversize: None,
+                started: 0,
+            };
         }
         // A held-back partial prefix goes first: join it with this chunk (a copy of a few bytes
         // plus the chunk, only in this rare case).
@@ -76,13 +85,21 @@ impl Framer {
                 State::Payload(remaining) => {
                     let take = remaining.min((data.len() - pos) as u64);
                     pos += take as usize;
-                    self.state = if take == remaining { State::Prefix } else { State::Payload(remaining - take) };
+                    self.state = if take == remaining {
+                        State::Prefix
+                    } else {
+                        State::Payload(remaining - take)
+                    };
                 }
                 State::Prefix => {
                     if data.len() - pos < PREFIX_LEN {
                         // Hold the partial prefix back until the rest arrives.
                         self.carry.put_slice(&data[pos..]);
-                        return Passed { forward: data.slice(..pos), oversize: None, started };
+                        return Passed {
+                            forward: data.slice(..pos),
+                            oversize: None,
+                            started,
+                        };
                     }
                     let len = u64::from(u32::from_be_bytes([
                         data[pos + 1],
@@ -92,15 +109,27 @@ impl Framer {
                     ]));
                     if len > self.limit {
                         self.tripped = true;
-                        return Passed { forward: data.slice(..pos), oversize: Some(len), started };
+                        return Passed {
+                            forward: data.slice(..pos),
+                            oversize: Some(len),
+                            started,
+                        };
                     }
                     started += 1;
                     pos += PREFIX_LEN;
-                    self.state = if len == 0 { State::Prefix } else { State::Payload(len) };
+                    self.state = if len == 0 {
+                        State::Prefix
+                    } else {
+                        State::Payload(len)
+                    };
                 }
             }
         }
-        Passed { forward: data, oversize: None, started }
+        Passed {
+            forward: data,
+            oversize: None,
+            started,
+        }
     }
 }
 
@@ -123,10 +152,16 @@ impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FrameError::Truncated { have, want } => {
-                write!(f, "the request ends inside a gRPC message ({have} of {want} bytes)")
+                write!(
+                    f,
+                    "the request ends inside a gRPC message ({have} of {want} bytes)"
+                )
             }
             FrameError::TooLarge { len, limit } => {
-                write!(f, "a gRPC message of {len} bytes is larger than the limit of {limit} bytes")
+                write!(
+                    f,
+                    "a gRPC message of {len} bytes is larger than the limit of {limit} bytes"
+                )
             }
         }
     }
@@ -137,7 +172,10 @@ pub fn split_messages(mut body: Bytes, limit: usize) -> Result<Vec<Message>, Fra
     let mut out = Vec::new();
     while !body.is_empty() {
         if body.len() < PREFIX_LEN {
-            return Err(FrameError::Truncated { have: body.len(), want: PREFIX_LEN });
+            return Err(FrameError::Truncated {
+                have: body.len(),
+                want: PREFIX_LEN,
+            });
         }
         let compressed = body[0] & 1 == 1;
         let len = u64::from(u32::from_be_bytes([body[1], body[2], body[3], body[4]]));
@@ -146,10 +184,16 @@ pub fn split_messages(mut body: Bytes, limit: usize) -> Result<Vec<Message>, Fra
         }
         let len = len as usize;
         if body.len() - PREFIX_LEN < len {
-            return Err(FrameError::Truncated { have: body.len(), want: PREFIX_LEN + len });
+            return Err(FrameError::Truncated {
+                have: body.len(),
+                want: PREFIX_LEN + len,
+            });
         }
         body.advance(PREFIX_LEN);
-        out.push(Message { compressed, payload: body.split_to(len) });
+        out.push(Message {
+            compressed,
+            payload: body.split_to(len),
+        });
     }
     Ok(out)
 }
@@ -213,7 +257,11 @@ mod tests {
         let second = msg(6, 2);
         first.extend_from_slice(&second[..2]);
         let p = f.feed(Bytes::from(first));
-        assert_eq!(p.forward.len(), 9, "the partial prefix of the second message is held");
+        assert_eq!(
+            p.forward.len(),
+            9,
+            "the partial prefix of the second message is held"
+        );
         let p = f.feed(Bytes::from(second[2..].to_vec()));
         assert_eq!(p.forward.to_vec(), second);
         assert_eq!(p.started, 1);
@@ -225,9 +273,17 @@ mod tests {
         all.extend(msg(2000, 9));
         let mut f = Framer::new(1000);
         let p = f.feed(Bytes::from(all));
-        assert_eq!(p.forward.len(), 15, "only the message before the oversized one");
+        assert_eq!(
+            p.forward.len(),
+            15,
+            "only the message before the oversized one"
+        );
         assert_eq!(p.oversize, Some(2000));
-        assert_eq!(f.feed(Bytes::from_static(b"more")).forward.len(), 0, "nothing after a refusal");
+        assert_eq!(
+            f.feed(Bytes::from_static(b"more")).forward.len(),
+            0,
+            "nothing after a refusal"
+        );
     }
 
     #[test]
@@ -264,7 +320,10 @@ mod tests {
         let m = msg(10, 1);
         let err = split_messages(Bytes::from(m[..8].to_vec()), 100).unwrap_err();
         assert_eq!(err, FrameError::Truncated { have: 8, want: 15 });
-        assert_eq!(err.to_string(), "the request ends inside a gRPC message (8 of 15 bytes)");
+        assert_eq!(
+            err.to_string(),
+            "the request ends inside a gRPC message (8 of 15 bytes)"
+        );
         let err = split_messages(Bytes::from(m[..3].to_vec()), 100).unwrap_err();
         assert_eq!(err, FrameError::Truncated { have: 3, want: 5 });
     }
@@ -272,7 +331,13 @@ mod tests {
     #[test]
     fn split_messages_refuses_a_message_over_the_limit() {
         let err = split_messages(Bytes::from(msg(200, 1)), 100).unwrap_err();
-        assert_eq!(err, FrameError::TooLarge { len: 200, limit: 100 });
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: 200,
+                limit: 100
+            }
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use tokio::sync::{oneshot, watch};
 
 use crate::routes::{Apis, Methods, Table};
@@ -81,7 +81,9 @@ impl InterceptedCall {
     /// End the call with gRPC status `code` and `message`; nothing goes upstream.
     fn fail(&self, code: u8, message: String) -> PyResult<bool> {
         if code == 0 || usize::from(code) >= status::CODES {
-            return Err(PyValueError::new_err(format!("fail: {code} is not a gRPC error code (1 to 16)")));
+            return Err(PyValueError::new_err(format!(
+                "fail: {code} is not a gRPC error code (1 to 16)"
+            )));
         }
         Ok(self.answer(Verdict::Fail(Status::new(code, message))))
     }
@@ -108,7 +110,9 @@ struct DataPlane {
 fn upstream_path(endpoint: &str) -> PyResult<PathBuf> {
     let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
     if !path.starts_with('/') {
-        return Err(PyValueError::new_err(format!("endpoint {endpoint:?}: expected unix:///absolute/path")));
+        return Err(PyValueError::new_err(format!(
+            "endpoint {endpoint:?}: expected unix:///absolute/path"
+        )));
     }
     Ok(PathBuf::from(path))
 }
@@ -126,14 +130,24 @@ impl DataPlane {
         connection_age_seconds: f64,
         threads: usize,
     ) -> PyResult<Self> {
-        if !(connection_age_seconds > 0.0) || threads == 0 {
-            return Err(PyValueError::new_err("connection_age_seconds and threads must be positive"));
+        if connection_age_seconds.is_nan() || connection_age_seconds <= 0.0 || threads == 0 {
+            return Err(PyValueError::new_err(
+                "connection_age_seconds and threads must be positive",
+            ));
         }
-        let runtime = Upstream::new(runtime_endpoint.clone(), upstream_path(&runtime_endpoint)?, "runtime");
+        let runtime = Upstream::new(
+            runtime_endpoint.clone(),
+            upstream_path(&runtime_endpoint)?,
+            "runtime",
+        );
         let image = if image_endpoint == runtime_endpoint {
             runtime.clone()
         } else {
-            Upstream::new(image_endpoint.clone(), upstream_path(&image_endpoint)?, "image")
+            Upstream::new(
+                image_endpoint.clone(),
+                upstream_path(&image_endpoint)?,
+                "image",
+            )
         };
         let shared = server::new_shared(
             Methods::new(methods),
@@ -143,7 +157,12 @@ impl DataPlane {
             max_concurrent_calls,
             Duration::from_secs_f64(connection_age_seconds),
         );
-        Ok(DataPlane { shared, threads, running: Mutex::new(None), bridge: Mutex::new(None) })
+        Ok(DataPlane {
+            shared,
+            threads,
+            running: Mutex::new(None),
+            bridge: Mutex::new(None),
+        })
     }
 
     /// Bind `listen_path` and start serving; returns once the runtime was dialled once (whether
@@ -161,7 +180,8 @@ impl DataPlane {
                 .thread_name("criproxy-data")
                 .enable_all()
                 .build()?;
-            let listener = runtime.block_on(async { tokio::net::UnixListener::bind(&listen_path) })?;
+            let listener =
+                runtime.block_on(async { tokio::net::UnixListener::bind(&listen_path) })?;
             let (stop, stopped) = watch::channel(false);
             let mut upstreams = vec![shared.runtime.clone()];
             if !Arc::ptr_eq(&shared.runtime, &shared.image) {
@@ -187,7 +207,12 @@ impl DataPlane {
     }
 
     /// Replace the route table: the APIs each upstream speaks, and the intercepted method keys.
-    fn set_routes(&self, runtime_apis: Vec<String>, image_apis: Vec<String>, intercepted: Vec<String>) {
+    fn set_routes(
+        &self,
+        runtime_apis: Vec<String>,
+        image_apis: Vec<String>,
+        intercepted: Vec<String>,
+    ) {
         let table = Table {
             runtime_apis: Apis::new(&runtime_apis),
             image_apis: Apis::new(&image_apis),
@@ -198,7 +223,12 @@ impl DataPlane {
 
     /// Hand intercepted calls to `on_call(call)` and their answers to `on_done(call, code,
     /// response)`, both scheduled on `event_loop` with call_soon_threadsafe.
-    fn set_control(&self, event_loop: Py<PyAny>, on_call: Py<PyAny>, on_done: Py<PyAny>) -> PyResult<()> {
+    fn set_control(
+        &self,
+        event_loop: Py<PyAny>,
+        on_call: Py<PyAny>,
+        on_done: Py<PyAny>,
+    ) -> PyResult<()> {
         let mut bridge = self.bridge.lock().expect("bridge lock");
         if bridge.is_some() {
             return Err(PyRuntimeError::new_err("the control plane is already set"));
@@ -209,7 +239,17 @@ impl DataPlane {
         *bridge = Some(
             std::thread::Builder::new()
                 .name("criproxy-seam".into())
-                .spawn(move || run_bridge(inbox, event_loop, on_call, on_done, metrics))
+                .spawn(move || {
+                    run_bridge(
+                        inbox,
+                        Seam {
+                            event_loop,
+                            on_call,
+                            on_done,
+                        },
+                        metrics,
+                    )
+                })
                 .map_err(|e| PyOSError::new_err(format!("cannot start the seam thread: {e}")))?,
         );
         Ok(())
@@ -220,25 +260,38 @@ impl DataPlane {
     #[pyo3(signature = (sampler, ratio=1.0, queue=4096))]
     fn set_tracing(&self, sampler: &str, ratio: f64, queue: usize) -> PyResult<()> {
         let parsed = trace::Sampler::parse(sampler, ratio).ok_or_else(|| {
-            PyValueError::new_err(format!("OTEL_TRACES_SAMPLER={sampler:?} is not a sampler criproxy knows"))
+            PyValueError::new_err(format!(
+                "OTEL_TRACES_SAMPLER={sampler:?} is not a sampler criproxy knows"
+            ))
         })?;
-        *self.shared.tracer.write().expect("tracer lock") = Some(Arc::new(trace::Tracer::new(parsed, queue.max(1))));
+        *self.shared.tracer.write().expect("tracer lock") =
+            Some(Arc::new(trace::Tracer::new(parsed, queue.max(1))));
         Ok(())
     }
 
     /// Finished spans, waiting up to `timeout_seconds` for the first: a list of (trace id, span
     /// id, parent span id or None, path, start ns, end ns, status code); None once stopped and
     /// every span was taken.
-    fn take_spans<'py>(&self, py: Python<'py>, timeout_seconds: f64) -> PyResult<Option<Bound<'py, PyList>>> {
+    fn take_spans<'py>(
+        &self,
+        py: Python<'py>,
+        timeout_seconds: f64,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
         let Some(tracer) = self.shared.tracer.read().expect("tracer lock").clone() else {
             return Ok(None);
         };
-        let stopped = self.shared.stopped.load(std::sync::atomic::Ordering::Relaxed);
+        let stopped = self
+            .shared
+            .stopped
+            .load(std::sync::atomic::Ordering::Relaxed);
         let wait = Duration::from_secs_f64(timeout_seconds.max(0.0));
         let records = py.detach(|| {
             let inbox = tracer.inbox.lock().expect("span inbox lock");
-            let mut got: Vec<trace::Record> =
-                if stopped { Vec::new() } else { inbox.recv_timeout(wait).into_iter().collect() };
+            let mut got: Vec<trace::Record> = if stopped {
+                Vec::new()
+            } else {
+                inbox.recv_timeout(wait).into_iter().collect()
+            };
             got.extend(inbox.try_iter().take(4096));
             got
         });
@@ -263,17 +316,29 @@ impl DataPlane {
 
     /// Finished spans dropped because the exporter fell behind.
     fn spans_dropped(&self) -> u64 {
-        self.shared.tracer.read().expect("tracer lock").as_ref().map_or(0, |t| t.dropped.load(std::sync::atomic::Ordering::Relaxed))
+        self.shared
+            .tracer
+            .read()
+            .expect("tracer lock")
+            .as_ref()
+            .map_or(0, |t| t.dropped.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// True while the upstream of `role` ("runtime" or "image") is connected.
     fn is_connected(&self, role: &str) -> bool {
-        if role == "image" { &self.shared.image } else { &self.shared.runtime }.is_connected()
+        if role == "image" {
+            &self.shared.image
+        } else {
+            &self.shared.runtime
+        }
+        .is_connected()
     }
 
     /// Calls being served now (streams included).
     fn in_flight(&self) -> usize {
-        self.shared.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Connections being served now.
@@ -288,14 +353,18 @@ impl DataPlane {
             return true;
         };
         *self.shared.control.write().expect("control lock") = None;
-        self.shared.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let shared = self.shared.clone();
         let drained = py.detach(move || {
             let _ = running.stop.send(true);
             let grace = Duration::from_secs_f64(grace_seconds.max(0.0));
-            let drained = running
-                .runtime
-                .block_on(async { tokio::time::timeout(grace, shared.live.drained()).await.is_ok() });
+            let drained = running.runtime.block_on(async {
+                tokio::time::timeout(grace, shared.live.drained())
+                    .await
+                    .is_ok()
+            });
             running.runtime.shutdown_timeout(Duration::from_millis(100));
             drained
         });
@@ -314,7 +383,13 @@ impl DataPlane {
         let out = PyDict::new(py);
         let calls = PyList::empty(py);
         for (m, code, n, duration) in &s.calls {
-            calls.append((methods.key(*m), status::NAMES[usize::from(*code)], n, duration.cumulative.clone(), duration.sum_seconds))?;
+            calls.append((
+                methods.key(*m),
+                status::NAMES[usize::from(*code)],
+                n,
+                duration.cumulative.clone(),
+                duration.sum_seconds,
+            ))?;
         }
         out.set_item("calls", calls)?;
         let per_method = PyList::empty(py);
@@ -332,9 +407,21 @@ impl DataPlane {
         out.set_item("buckets", metrics::BUCKETS.to_vec())?;
         out.set_item("observations_dropped", s.observations_dropped)?;
         let reconnects = PyDict::new(py);
-        reconnects.set_item("runtime", self.shared.runtime.reconnects.load(std::sync::atomic::Ordering::Relaxed))?;
+        reconnects.set_item(
+            "runtime",
+            self.shared
+                .runtime
+                .reconnects
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         if !Arc::ptr_eq(&self.shared.runtime, &self.shared.image) {
-            reconnects.set_item("image", self.shared.image.reconnects.load(std::sync::atomic::Ordering::Relaxed))?;
+            reconnects.set_item(
+                "image",
+                self.shared
+                    .image
+                    .reconnects
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )?;
         }
         out.set_item("reconnects", reconnects)?;
         Ok(out)
@@ -342,65 +429,102 @@ impl DataPlane {
 }
 
 /// The bridge thread: takes the GIL for each job, never a tokio thread (see seam.rs).
-fn run_bridge(
-    inbox: mpsc::Receiver<Job>,
-    event_loop: Py<PyAny>,
-    on_call: Py<PyAny>,
-    on_done: Py<PyAny>,
-    metrics: Arc<metrics::Metrics>,
-) {
+fn run_bridge(inbox: mpsc::Receiver<Job>, seam: Seam, metrics: Arc<metrics::Metrics>) {
     let mut open: HashMap<u64, Py<InterceptedCall>> = HashMap::new();
     while let Ok(job) = inbox.recv() {
         Python::attach(|py| {
-            let schedule = |args: (&Py<PyAny>, &Py<InterceptedCall>, Option<(u8, Option<Bound<'_, PyBytes>>)>)| -> PyResult<()> {
-                let (callback, call, done) = args;
-                let loop_ = event_loop.bind(py);
-                match done {
-                    None => loop_.call_method1("call_soon_threadsafe", (callback, call))?,
-                    Some((code, response)) => loop_.call_method1("call_soon_threadsafe", (callback, call, code, response))?,
-                };
-                Ok(())
-            };
-            match job {
-                Job::Ask(ask) => {
-                    let call = InterceptedCall {
+            if let Err(err) = seam.handle(py, job, &mut open, &metrics) {
+                err.print(py);
+            }
+        });
+    }
+    Python::attach(|_py| drop(open));
+}
+
+/// The Python side of the seam: the loop to schedule on and the two callbacks.
+struct Seam {
+    event_loop: Py<PyAny>,
+    on_call: Py<PyAny>,
+    on_done: Py<PyAny>,
+}
+
+impl Seam {
+    fn schedule<'py>(
+        &self,
+        py: Python<'py>,
+        callback: &Py<PyAny>,
+        args: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<()> {
+        let mut all = vec![callback.clone_ref(py).into_bound(py)];
+        all.extend(args);
+        self.event_loop
+            .bind(py)
+            .call_method1("call_soon_threadsafe", PyTuple::new(py, all)?)?;
+        Ok(())
+    }
+
+    fn handle(
+        &self,
+        py: Python<'_>,
+        job: Job,
+        open: &mut HashMap<u64, Py<InterceptedCall>>,
+        metrics: &metrics::Metrics,
+    ) -> PyResult<()> {
+        match job {
+            Job::Ask(ask) => {
+                let call = Py::new(
+                    py,
+                    InterceptedCall {
                         method: ask.method,
                         path: ask.path,
                         metadata: ask.metadata,
                         message: PyBytes::new(py, &ask.message).unbind(),
                         deadline: ask.deadline.map(|d| d.as_secs_f64()),
-                        span: ask.span.map(|(t, s)| (PyBytes::new(py, &t).unbind(), PyBytes::new(py, &s).unbind())),
+                        span: ask.span.map(|(t, s)| {
+                            (PyBytes::new(py, &t).unbind(), PyBytes::new(py, &s).unbind())
+                        }),
                         state: py.None(),
                         reply: Mutex::new(Some(ask.reply)),
-                    };
-                    match Py::new(py, call) {
-                        Ok(call) => {
-                            if let Err(err) = schedule((&on_call, &call, None)) {
-                                // The loop is closed: fail the call closed, now.
-                                let message = format!("criproxy: the control plane's event loop is not running: {err}");
-                                call.borrow(py).answer(Verdict::Fail(Status::new(status::UNAVAILABLE, message)));
-                            } else {
-                                open.insert(ask.id, call);
-                            }
-                        }
-                        Err(err) => err.print(py),
-                    }
-                }
-                Job::Done { id, code, response } => {
-                    if let Some(call) = open.remove(&id) {
-                        let response = response.map(|r| PyBytes::new(py, &r));
-                        if schedule((&on_done, &call, Some((code, response)))).is_err() {
-                            metrics.observations_dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-                Job::Forget { id } => {
-                    open.remove(&id);
+                    },
+                )?;
+                if let Err(err) = self.schedule(
+                    py,
+                    &self.on_call,
+                    vec![call.clone_ref(py).into_bound(py).into_any()],
+                ) {
+                    // The loop is closed: fail the call closed, now.
+                    let message =
+                        format!("criproxy: the control plane's event loop is not running: {err}");
+                    call.borrow(py)
+                        .answer(Verdict::Fail(Status::new(status::UNAVAILABLE, message)));
+                } else {
+                    open.insert(ask.id, call);
                 }
             }
-        });
+            Job::Done { id, code, response } => {
+                if let Some(call) = open.remove(&id) {
+                    let response = match response {
+                        Some(r) => PyBytes::new(py, &r).into_any(),
+                        None => py.None().into_bound(py),
+                    };
+                    let args = vec![
+                        call.into_bound(py).into_any(),
+                        code.into_pyobject(py)?.into_any(),
+                        response,
+                    ];
+                    if self.schedule(py, &self.on_done, args).is_err() {
+                        metrics
+                            .observations_dropped
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            Job::Forget { id } => {
+                open.remove(&id);
+            }
+        }
+        Ok(())
     }
-    Python::attach(|_py| drop(open));
 }
 
 #[pymodule]
@@ -408,7 +532,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataPlane>()?;
     m.add_class::<InterceptedCall>()?;
     m.add("BUCKETS", metrics::BUCKETS.to_vec())?;
-    m.add("RECONNECT_MAX_SECONDS", upstream::RECONNECT_MAX.as_secs_f64())?;
-    m.add("CONTROL_TIMEOUT_SECONDS", seam::CONTROL_TIMEOUT.as_secs_f64())?;
+    m.add(
+        "RECONNECT_MAX_SECONDS",
+        upstream::RECONNECT_MAX.as_secs_f64(),
+    )?;
+    m.add(
+        "CONTROL_TIMEOUT_SECONDS",
+        seam::CONTROL_TIMEOUT.as_secs_f64(),
+    )?;
     Ok(())
 }

@@ -14,8 +14,10 @@ use crate::status::CODES;
 
 /// Upper bounds of the histogram buckets, in seconds: from half a millisecond (a passthrough
 /// call) to two minutes (a slow image pull or a hung runtime). The Python side uses the same.
-pub const BUCKETS: [f64; 17] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+pub const BUCKETS: [f64; 17] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
 
 #[derive(Default)]
 struct Histogram {
@@ -28,9 +30,13 @@ struct Histogram {
 impl Histogram {
     fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let slot = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        let slot = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
         self.buckets[slot].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
     }
 
     fn snapshot(&self) -> HistogramSnapshot {
@@ -40,7 +46,10 @@ impl Histogram {
             total += b.load(Relaxed);
             cumulative.push(total);
         }
-        HistogramSnapshot { cumulative, sum_seconds: self.sum_ns.load(Relaxed) as f64 / 1e9 }
+        HistogramSnapshot {
+            cumulative,
+            sum_seconds: self.sum_ns.load(Relaxed) as f64 / 1e9,
+        }
     }
 }
 
@@ -140,7 +149,11 @@ impl Metrics {
                 stream_messages: self.stream_messages[m].load(Relaxed),
             })
             .collect();
-        Snapshot { calls, per_method, observations_dropped: self.observations_dropped.load(Relaxed) }
+        Snapshot {
+            calls,
+            per_method,
+            observations_dropped: self.observations_dropped.load(Relaxed),
+        }
     }
 }
 
@@ -191,12 +204,21 @@ mod tests {
     fn a_duration_past_every_bucket_counts_in_inf_only() {
         let m = Metrics::new(1);
         m.started(0);
-        m.finished(&Finished { method: 0, code: 0, total: Duration::from_secs(500), runtime: Duration::ZERO });
+        m.finished(&Finished {
+            method: 0,
+            code: 0,
+            total: Duration::from_secs(500),
+            runtime: Duration::ZERO,
+        });
         let s = m.snapshot();
         let d = &s.calls[0].3;
         assert_eq!(d.cumulative[BUCKETS.len() - 1], 0);
         assert_eq!(d.cumulative[BUCKETS.len()], 1);
-        assert_eq!(s.per_method[0].runtime.cumulative[BUCKETS.len()], 0, "no runtime time, no observation");
+        assert_eq!(
+            s.per_method[0].runtime.cumulative[BUCKETS.len()],
+            0,
+            "no runtime time, no observation"
+        );
     }
 
     #[test]
@@ -208,6 +230,9 @@ mod tests {
         assert_eq!(m.snapshot().per_method[0].streams, 1);
         m.stream_finished(0);
         let s = m.snapshot();
-        assert_eq!((s.per_method[0].streams, s.per_method[0].stream_messages), (0, 3));
+        assert_eq!(
+            (s.per_method[0].streams, s.per_method[0].stream_messages),
+            (0, 3)
+        );
     }
 }

@@ -35,7 +35,11 @@ impl Methods {
             keys.push(key);
             server_streaming.push(streaming);
         }
-        Methods { by_key, keys, server_streaming }
+        Methods {
+            by_key,
+            keys,
+            server_streaming,
+        }
     }
 
     /// The metrics label slot of paths outside the table.
@@ -64,7 +68,12 @@ pub struct Apis(Vec<&'static str>);
 impl Apis {
     /// Unknown names are ignored; an empty set means "not learned yet": callers keep their API.
     pub fn new<S: AsRef<str>>(names: &[S]) -> Self {
-        Apis(APIS.iter().copied().filter(|a| names.iter().any(|n| n.as_ref() == *a)).collect())
+        Apis(
+            APIS.iter()
+                .copied()
+                .filter(|a| names.iter().any(|n| n.as_ref() == *a))
+                .collect(),
+        )
     }
 
     fn serve(&self, caller: &'static str) -> &'static str {
@@ -116,23 +125,46 @@ fn parse(path: &str) -> Option<CriPath<'_>> {
     if service.is_empty() || service.contains('.') || method.is_empty() || method.contains('/') {
         return None;
     }
-    Some(CriPath { api, service, key: &rest[..] })
+    Some(CriPath {
+        api,
+        service,
+        key: rest,
+    })
 }
 
 pub fn route(methods: &Methods, table: &Table, path: &str) -> Route {
     let Some(cri) = parse(path) else {
-        return Route { method: methods.other(), role: Role::Runtime, path: None, intercepted: false };
+        return Route {
+            method: methods.other(),
+            role: Role::Runtime,
+            path: None,
+            intercepted: false,
+        };
     };
-    let role = if cri.service == IMAGE_SERVICE { Role::Image } else { Role::Runtime };
-    let apis = if role == Role::Image { &table.image_apis } else { &table.runtime_apis };
+    let role = if cri.service == IMAGE_SERVICE {
+        Role::Image
+    } else {
+        Role::Runtime
+    };
+    let apis = if role == Role::Image {
+        &table.image_apis
+    } else {
+        &table.runtime_apis
+    };
     let api = apis.serve(cri.api);
-    let method = methods.by_key.get(cri.key).copied().unwrap_or(methods.other());
+    let method = methods
+        .by_key
+        .get(cri.key)
+        .copied()
+        .unwrap_or(methods.other());
     let known = method != methods.other();
     Route {
         method,
         role,
         path: (api != cri.api).then(|| format!("/runtime.{api}.{}", cri.key)),
-        intercepted: known && !methods.is_server_streaming(method) && table.intercepted.contains(cri.key),
+        intercepted: known
+            && !methods.is_server_streaming(method)
+            && table.intercepted.contains(cri.key),
     }
 }
 
@@ -159,22 +191,55 @@ mod tests {
 
     #[test]
     fn a_caller_keeps_its_api_when_the_runtime_speaks_it() {
-        let r = route(&methods(), &table(&["v1", "v1alpha2"], &[]), "/runtime.v1alpha2.RuntimeService/Version");
-        assert_eq!(r, Route { method: 0, role: Role::Runtime, path: None, intercepted: false });
+        let r = route(
+            &methods(),
+            &table(&["v1", "v1alpha2"], &[]),
+            "/runtime.v1alpha2.RuntimeService/Version",
+        );
+        assert_eq!(
+            r,
+            Route {
+                method: 0,
+                role: Role::Runtime,
+                path: None,
+                intercepted: false
+            }
+        );
     }
 
     #[test]
     fn a_caller_is_bridged_to_the_api_the_runtime_speaks() {
         let m = methods();
-        let r = route(&m, &table(&["v1"], &[]), "/runtime.v1alpha2.RuntimeService/Version");
-        assert_eq!(r.path.as_deref(), Some("/runtime.v1.RuntimeService/Version"));
-        let r = route(&m, &table(&["v1alpha2"], &[]), "/runtime.v1.ImageService/ListImages");
-        assert_eq!((r.role, r.path.as_deref()), (Role::Image, Some("/runtime.v1alpha2.ImageService/ListImages")));
+        let r = route(
+            &m,
+            &table(&["v1"], &[]),
+            "/runtime.v1alpha2.RuntimeService/Version",
+        );
+        assert_eq!(
+            r.path.as_deref(),
+            Some("/runtime.v1.RuntimeService/Version")
+        );
+        let r = route(
+            &m,
+            &table(&["v1alpha2"], &[]),
+            "/runtime.v1.ImageService/ListImages",
+        );
+        assert_eq!(
+            (r.role, r.path.as_deref()),
+            (
+                Role::Image,
+                Some("/runtime.v1alpha2.ImageService/ListImages")
+            )
+        );
     }
 
     #[test]
     fn before_the_runtime_answered_every_caller_keeps_its_api() {
-        let r = route(&methods(), &table(&[], &[]), "/runtime.v1alpha2.RuntimeService/Version");
+        let r = route(
+            &methods(),
+            &table(&[], &[]),
+            "/runtime.v1alpha2.RuntimeService/Version",
+        );
         assert_eq!(r.path, None);
     }
 
@@ -182,12 +247,29 @@ mod tests {
     fn unknown_paths_pass_as_they_are_and_count_as_other() {
         let m = methods();
         let t = table(&["v1"], &["RuntimeService/Version"]);
-        for path in ["/containerd.services.version.v1.Version/Version", "/runtime.v2.RuntimeService/Version", "/x"] {
+        for path in [
+            "/containerd.services.version.v1.Version/Version",
+            "/runtime.v2.RuntimeService/Version",
+            "/x",
+        ] {
             let r = route(&m, &t, path);
-            assert_eq!(r, Route { method: m.other(), role: Role::Runtime, path: None, intercepted: false }, "{path}");
+            assert_eq!(
+                r,
+                Route {
+                    method: m.other(),
+                    role: Role::Runtime,
+                    path: None,
+                    intercepted: false
+                },
+                "{path}"
+            );
         }
         // A new method of a known API is still moved between APIs, but never intercepted.
-        let r = route(&m, &table(&["v1"], &["RuntimeService/Future"]), "/runtime.v1alpha2.RuntimeService/Future");
+        let r = route(
+            &m,
+            &table(&["v1"], &["RuntimeService/Future"]),
+            "/runtime.v1alpha2.RuntimeService/Future",
+        );
         assert_eq!((r.method, r.intercepted), (m.other(), false));
         assert_eq!(r.path.as_deref(), Some("/runtime.v1.RuntimeService/Future"));
     }
@@ -195,17 +277,31 @@ mod tests {
     #[test]
     fn only_subscribed_unary_methods_are_intercepted() {
         let m = methods();
-        let t = table(&["v1"], &["RuntimeService/CreateContainer", "RuntimeService/GetContainerEvents"]);
+        let t = table(
+            &["v1"],
+            &[
+                "RuntimeService/CreateContainer",
+                "RuntimeService/GetContainerEvents",
+            ],
+        );
         assert!(route(&m, &t, "/runtime.v1.RuntimeService/CreateContainer").intercepted);
         assert!(!route(&m, &t, "/runtime.v1.RuntimeService/Version").intercepted);
-        assert!(!route(&m, &t, "/runtime.v1.RuntimeService/GetContainerEvents").intercepted, "streams never");
+        assert!(
+            !route(&m, &t, "/runtime.v1.RuntimeService/GetContainerEvents").intercepted,
+            "streams never"
+        );
     }
 
     #[test]
     fn malformed_cri_paths_are_other() {
         let m = methods();
         let t = table(&["v1"], &[]);
-        for path in ["/runtime.v1.RuntimeService/", "/runtime.v1./Version", "/runtime.v1.A.B/C", "/runtime.v1.S/M/N"] {
+        for path in [
+            "/runtime.v1.RuntimeService/",
+            "/runtime.v1./Version",
+            "/runtime.v1.A.B/C",
+            "/runtime.v1.S/M/N",
+        ] {
             assert_eq!(route(&m, &t, path).method, m.other(), "{path}");
         }
     }

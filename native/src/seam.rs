@@ -48,9 +48,15 @@ pub struct Ask {
 pub enum Job {
     Ask(Ask),
     /// The runtime answered an intercepted call: its status code and, when OK, its message.
-    Done { id: u64, code: u8, response: Option<Bytes> },
+    Done {
+        id: u64,
+        code: u8,
+        response: Option<Bytes>,
+    },
     /// The call ended without reaching the runtime's answer.
-    Forget { id: u64 },
+    Forget {
+        id: u64,
+    },
 }
 
 pub struct Control {
@@ -60,7 +66,10 @@ pub struct Control {
 
 impl Control {
     pub fn new(jobs: mpsc::Sender<Job>) -> Self {
-        Control { jobs, next: AtomicU64::new(1) }
+        Control {
+            jobs,
+            next: AtomicU64::new(1),
+        }
     }
 
     /// Hand a call to the pipeline and wait for its verdict (see the module notes).
@@ -75,11 +84,33 @@ impl Control {
     ) -> (Verdict, Handed<'_>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
-        let handed = Handed { control: self, id, closed: false };
-        let job = Job::Ask(Ask { id, method, path, metadata, message, deadline, span, reply });
+        let handed = Handed {
+            control: self,
+            id,
+            closed: false,
+        };
+        let job = Job::Ask(Ask {
+            id,
+            method,
+            path,
+            metadata,
+            message,
+            deadline,
+            span,
+            reply,
+        });
         if self.jobs.send(job).is_err() {
-            let st = Status::new(status::UNAVAILABLE, "criproxy: the control plane is not running; intercepted calls fail closed");
-            return (Verdict::Fail(st), Handed { closed: true, ..handed });
+            let st = Status::new(
+                status::UNAVAILABLE,
+                "criproxy: the control plane is not running; intercepted calls fail closed",
+            );
+            return (
+                Verdict::Fail(st),
+                Handed {
+                    closed: true,
+                    ..handed
+                },
+            );
         }
         let wait = deadline.unwrap_or(CONTROL_TIMEOUT);
         let verdict = match tokio::time::timeout(wait, answer).await {
@@ -111,7 +142,11 @@ pub struct Handed<'a> {
 impl Handed<'_> {
     pub fn done(mut self, code: u8, response: Option<Bytes>) {
         self.closed = true;
-        let _ = self.control.jobs.send(Job::Done { id: self.id, code, response });
+        let _ = self.control.jobs.send(Job::Done {
+            id: self.id,
+            code,
+            response,
+        });
     }
 }
 
@@ -132,17 +167,34 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let control = Control::new(tx);
         let python = std::thread::spawn(move || {
-            let Job::Ask(ask) = rx.recv().unwrap() else { panic!("not an ask") };
-            assert_eq!((ask.method.as_str(), &ask.message[..]), ("RuntimeService/CreateContainer", &b"req"[..]));
-            ask.reply.send(Verdict::Forward(Some(b"changed".to_vec()))).unwrap();
+            let Job::Ask(ask) = rx.recv().unwrap() else {
+                panic!("not an ask")
+            };
+            assert_eq!(
+                (ask.method.as_str(), &ask.message[..]),
+                ("RuntimeService/CreateContainer", &b"req"[..])
+            );
+            ask.reply
+                .send(Verdict::Forward(Some(b"changed".to_vec())))
+                .unwrap();
             match rx.recv().unwrap() {
-                Job::Done { id, code, response } => assert_eq!((id, code, response), (ask.id, 0, Some(Bytes::from_static(b"resp")))),
+                Job::Done { id, code, response } => assert_eq!(
+                    (id, code, response),
+                    (ask.id, 0, Some(Bytes::from_static(b"resp")))
+                ),
                 _ => panic!("expected Done"),
             }
             assert!(rx.recv().is_err(), "nothing after Done");
         });
         let (verdict, handed) = control
-            .ask("RuntimeService/CreateContainer".into(), "/p".into(), vec![], Bytes::from_static(b"req"), None, None)
+            .ask(
+                "RuntimeService/CreateContainer".into(),
+                "/p".into(),
+                vec![],
+                Bytes::from_static(b"req"),
+                None,
+                None,
+            )
             .await;
         assert_eq!(verdict, Verdict::Forward(Some(b"changed".to_vec())));
         handed.done(0, Some(Bytes::from_static(b"resp")));
@@ -154,11 +206,25 @@ mod tests {
     async fn no_answer_within_the_deadline_is_deadline_exceeded_and_forgotten() {
         let (tx, rx) = mpsc::channel();
         let control = Control::new(tx);
-        let (verdict, handed) =
-            control.ask("M".into(), "/p".into(), vec![], Bytes::new(), Some(Duration::from_millis(20)), None).await;
-        let Verdict::Fail(st) = verdict else { panic!("expected a failure") };
+        let (verdict, handed) = control
+            .ask(
+                "M".into(),
+                "/p".into(),
+                vec![],
+                Bytes::new(),
+                Some(Duration::from_millis(20)),
+                None,
+            )
+            .await;
+        let Verdict::Fail(st) = verdict else {
+            panic!("expected a failure")
+        };
         assert_eq!(st.code, status::DEADLINE_EXCEEDED);
-        assert!(st.message.contains("the caller's deadline"), "{}", st.message);
+        assert!(
+            st.message.contains("the caller's deadline"),
+            "{}",
+            st.message
+        );
         drop(handed);
         let jobs: Vec<Job> = rx.try_iter().collect();
         assert!(matches!(jobs.as_slice(), [Job::Ask(_), Job::Forget { .. }]));
@@ -169,12 +235,22 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let control = Control::new(tx);
         let python = std::thread::spawn(move || {
-            let Job::Ask(ask) = rx.recv().unwrap() else { panic!() };
+            let Job::Ask(ask) = rx.recv().unwrap() else {
+                panic!()
+            };
             drop(ask.reply);
         });
-        let (verdict, _handed) = control.ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None).await;
+        let (verdict, _handed) = control
+            .ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None)
+            .await;
         python.join().unwrap();
-        assert!(matches!(verdict, Verdict::Fail(Status { code: status::INTERNAL, .. })));
+        assert!(matches!(
+            verdict,
+            Verdict::Fail(Status {
+                code: status::INTERNAL,
+                ..
+            })
+        ));
     }
 
     #[tokio::test]
@@ -182,7 +258,15 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         drop(rx);
         let control = Control::new(tx);
-        let (verdict, _) = control.ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None).await;
-        assert!(matches!(verdict, Verdict::Fail(Status { code: status::UNAVAILABLE, .. })));
+        let (verdict, _) = control
+            .ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None)
+            .await;
+        assert!(matches!(
+            verdict,
+            Verdict::Fail(Status {
+                code: status::UNAVAILABLE,
+                ..
+            })
+        ));
     }
 }

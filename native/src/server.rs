@@ -121,10 +121,17 @@ fn refuse(mut tracker: Tracker, st: Status) -> Response<ProxyBody> {
 fn upstream_uri(caller: &Uri, path: Option<&str>) -> Result<Uri, http::Error> {
     let path = path.unwrap_or_else(|| caller.path_and_query().map_or("/", |p| p.as_str()));
     let authority = caller.authority().map_or("localhost", |a| a.as_str());
-    Uri::builder().scheme("http").authority(authority).path_and_query(path).build()
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
 }
 
-pub async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let table = shared.table.read().expect("route table lock").clone();
     let route = routes::route(&shared.methods, &table, req.uri().path());
     let mut tracker = Tracker::new(shared.metrics.clone(), route.method);
@@ -152,19 +159,38 @@ pub async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Result<R
     })
 }
 
-async fn passthrough(shared: &Shared, route: Route, req: Request<Incoming>, mut tracker: Tracker) -> Response<ProxyBody> {
+async fn passthrough(
+    shared: &Shared,
+    route: Route,
+    req: Request<Incoming>,
+    mut tracker: Tracker,
+) -> Response<ProxyBody> {
     let upstream = shared.upstream(route.role).clone();
     let mut sender = match upstream.sender() {
         Ok(s) => s,
-        Err(why) => return refuse(tracker, Status::new(status::UNAVAILABLE, upstream.unreachable(&why))),
+        Err(why) => {
+            return refuse(
+                tracker,
+                Status::new(status::UNAVAILABLE, upstream.unreachable(&why)),
+            )
+        }
     };
     let (parts, body) = req.into_parts();
     let uri = match upstream_uri(&parts.uri, route.path.as_deref()) {
         Ok(uri) => uri,
-        Err(e) => return refuse(tracker, Status::new(status::INTERNAL, format!("criproxy: cannot address the runtime: {e}"))),
+        Err(e) => {
+            return refuse(
+                tracker,
+                Status::new(
+                    status::INTERNAL,
+                    format!("criproxy: cannot address the runtime: {e}"),
+                ),
+            )
+        }
     };
     let tripped: Tripped = Arc::default();
-    let mut outgoing = Request::new(Outgoing::new(body, shared.max_message_bytes, tripped.clone()).boxed());
+    let mut outgoing =
+        Request::new(Outgoing::new(body, shared.max_message_bytes, tripped.clone()).boxed());
     *outgoing.uri_mut() = uri;
     *outgoing.method_mut() = parts.method;
     *outgoing.headers_mut() = parts.headers;
@@ -183,19 +209,34 @@ async fn passthrough(shared: &Shared, route: Route, req: Request<Incoming>, mut 
     if shared.methods.is_server_streaming(route.method) || route.method == shared.methods.other() {
         tracker.streaming();
     }
-    let relayed = Relayed::new(incoming, shared.max_message_bytes, tracker, upstream, tripped);
+    let relayed = Relayed::new(
+        incoming,
+        shared.max_message_bytes,
+        tracker,
+        upstream,
+        tripped,
+    );
     Response::from_parts(parts, relayed.boxed())
 }
 
 fn metadata_of(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_string(), v.to_string())))
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
         .collect()
 }
 
 /// The one request message of an intercepted call, uncompressed.
-async fn request_message(shared: &Shared, headers: &HeaderMap, body: Incoming, key: &str) -> Result<(Bytes, Bytes), Status> {
+async fn request_message(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Incoming,
+    key: &str,
+) -> Result<(Bytes, Bytes), Status> {
     let limit = shared.max_message_bytes;
     let collected = Limited::new(body, limit + PREFIX_LEN).collect().await.map_err(|e| {
         if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
@@ -206,19 +247,42 @@ async fn request_message(shared: &Shared, headers: &HeaderMap, body: Incoming, k
     })?;
     let raw = collected.to_bytes();
     let messages = frame::split_messages(raw.clone(), limit).map_err(|e| match e {
-        frame::FrameError::TooLarge { .. } => Status::new(status::RESOURCE_EXHAUSTED, format!("criproxy: {key}: {e} (--max-message-bytes)")),
-        frame::FrameError::Truncated { .. } => Status::new(status::INTERNAL, format!("criproxy: {key}: {e}")),
+        frame::FrameError::TooLarge { .. } => Status::new(
+            status::RESOURCE_EXHAUSTED,
+            format!("criproxy: {key}: {e} (--max-message-bytes)"),
+        ),
+        frame::FrameError::Truncated { .. } => {
+            Status::new(status::INTERNAL, format!("criproxy: {key}: {e}"))
+        }
     })?;
     let [message] = <[frame::Message; 1]>::try_from(messages).map_err(|m| {
-        Status::new(status::INTERNAL, format!("criproxy: {key} takes exactly one request message, the caller sent {}", m.len()))
+        Status::new(
+            status::INTERNAL,
+            format!(
+                "criproxy: {key} takes exactly one request message, the caller sent {}",
+                m.len()
+            ),
+        )
     })?;
-    let payload = if message.compressed { decompress(headers, message.payload, limit, key)? } else { message.payload };
+    let payload = if message.compressed {
+        decompress(headers, message.payload, limit, key)?
+    } else {
+        message.payload
+    };
     Ok((raw, payload))
 }
 
-fn decompress(headers: &HeaderMap, payload: Bytes, limit: usize, key: &str) -> Result<Bytes, Status> {
+fn decompress(
+    headers: &HeaderMap,
+    payload: Bytes,
+    limit: usize,
+    key: &str,
+) -> Result<Bytes, Status> {
     use std::io::Read;
-    let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok()).unwrap_or("identity");
+    let encoding = headers
+        .get("grpc-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity");
     let mut out = Vec::new();
     let read = match encoding {
         "gzip" => flate2::read::GzDecoder::new(&payload[..]).take(limit as u64 + 1).read_to_end(&mut out),
@@ -230,17 +294,33 @@ fn decompress(headers: &HeaderMap, payload: Bytes, limit: usize, key: &str) -> R
             ))
         }
     };
-    read.map_err(|e| Status::new(status::INTERNAL, format!("criproxy: {key}: cannot decompress the {encoding} request: {e}")))?;
+    read.map_err(|e| {
+        Status::new(
+            status::INTERNAL,
+            format!("criproxy: {key}: cannot decompress the {encoding} request: {e}"),
+        )
+    })?;
     if out.len() > limit {
-        return Err(Status::new(status::RESOURCE_EXHAUSTED, format!("criproxy: {key}: the request is larger than {limit} bytes once decompressed")));
+        return Err(Status::new(
+            status::RESOURCE_EXHAUSTED,
+            format!("criproxy: {key}: the request is larger than {limit} bytes once decompressed"),
+        ));
     }
     Ok(Bytes::from(out))
 }
 
-async fn intercept(shared: &Shared, route: Route, req: Request<Incoming>, mut tracker: Tracker) -> Response<ProxyBody> {
+async fn intercept(
+    shared: &Shared,
+    route: Route,
+    req: Request<Incoming>,
+    mut tracker: Tracker,
+) -> Response<ProxyBody> {
     let key = shared.methods.key(route.method).to_string();
     let Some(control) = shared.control.read().expect("control lock").clone() else {
-        let st = Status::new(status::UNAVAILABLE, "criproxy: the policy pipeline is not running; intercepted calls fail closed");
+        let st = Status::new(
+            status::UNAVAILABLE,
+            "criproxy: the policy pipeline is not running; intercepted calls fail closed",
+        );
         return refuse(tracker, st);
     };
     let (mut parts, body) = req.into_parts();
@@ -248,10 +328,22 @@ async fn intercept(shared: &Shared, route: Route, req: Request<Incoming>, mut tr
         Ok(m) => m,
         Err(st) => return refuse(tracker, st),
     };
-    let deadline = parts.headers.get("grpc-timeout").and_then(|v| status::parse_timeout(v.as_bytes()));
+    let deadline = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| status::parse_timeout(v.as_bytes()));
     let path = parts.uri.path().to_string();
     let span = tracker.span_ids();
-    let (verdict, handed) = control.ask(key, path, metadata_of(&parts.headers), payload, deadline, span).await;
+    let (verdict, handed) = control
+        .ask(
+            key,
+            path,
+            metadata_of(&parts.headers),
+            payload,
+            deadline,
+            span,
+        )
+        .await;
     let send = match verdict {
         Verdict::Fail(st) => return refuse(tracker, st),
         Verdict::Forward(None) => raw,
@@ -263,11 +355,24 @@ async fn intercept(shared: &Shared, route: Route, req: Request<Incoming>, mut tr
     let upstream = shared.upstream(route.role).clone();
     let mut sender = match upstream.sender() {
         Ok(s) => s,
-        Err(why) => return refuse(tracker, Status::new(status::UNAVAILABLE, upstream.unreachable(&why))),
+        Err(why) => {
+            return refuse(
+                tracker,
+                Status::new(status::UNAVAILABLE, upstream.unreachable(&why)),
+            )
+        }
     };
     let uri = match upstream_uri(&parts.uri, route.path.as_deref()) {
         Ok(uri) => uri,
-        Err(e) => return refuse(tracker, Status::new(status::INTERNAL, format!("criproxy: cannot address the runtime: {e}"))),
+        Err(e) => {
+            return refuse(
+                tracker,
+                Status::new(
+                    status::INTERNAL,
+                    format!("criproxy: cannot address the runtime: {e}"),
+                ),
+            )
+        }
     };
     let mut outgoing = Request::new(Whole::new(Some(send), None, None).boxed());
     *outgoing.uri_mut() = uri;
@@ -276,14 +381,22 @@ async fn intercept(shared: &Shared, route: Route, req: Request<Incoming>, mut tr
     tracker.runtime_started();
     let response = match sender.send_request(outgoing).await {
         Ok(r) => r,
-        Err(e) => return refuse(tracker, body::failure_status(&e, &upstream, &Tripped::default(), shared.max_message_bytes)),
+        Err(e) => {
+            return refuse(
+                tracker,
+                body::failure_status(&e, &upstream, &Tripped::default(), shared.max_message_bytes),
+            )
+        }
     };
     let (parts, incoming) = response.into_parts();
     let limit = shared.max_message_bytes;
     let collected = match Limited::new(incoming, limit + PREFIX_LEN).collect().await {
         Ok(c) => c,
         Err(e) => {
-            let st = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            let st = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 Status::new(status::RESOURCE_EXHAUSTED, format!("criproxy: the runtime's response is larger than the proxy's limit of {limit} bytes (--max-message-bytes)"))
             } else {
                 body::failure_status(e.as_ref(), &upstream, &Tripped::default(), limit)
@@ -299,12 +412,18 @@ async fn intercept(shared: &Shared, route: Route, req: Request<Incoming>, mut tr
         .unwrap_or(status::UNKNOWN);
     tracker.code = Some(code);
     let observed = if code == status::OK {
-        frame::split_messages(data.clone(), limit).ok().and_then(|m| m.into_iter().next()).map(|m| m.payload)
+        frame::split_messages(data.clone(), limit)
+            .ok()
+            .and_then(|m| m.into_iter().next())
+            .map(|m| m.payload)
     } else {
         None
     };
     handed.done(code, observed);
-    Response::from_parts(parts, Whole::new(Some(data), trailers, Some(tracker)).boxed())
+    Response::from_parts(
+        parts,
+        Whole::new(Some(data), trailers, Some(tracker)).boxed(),
+    )
 }
 
 /// Accept connections until `stop` turns true.
@@ -325,10 +444,18 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, mut stop: watch:
     }
 }
 
-async fn connection(stream: tokio::net::UnixStream, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn connection(
+    stream: tokio::net::UnixStream,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let live = &shared.live;
     let _entered = live.enter();
-    let io = stream; // AUTHORITY: replaced by crate::authority::accept once it lands
+    // grpcio clients send a percent-encoded socket path as :authority, which h2 refuses; the
+    // adapter rewrites it for those connections only (see authority.rs).
+    let Ok(io) = crate::authority::accept(stream).await else {
+        return;
+    };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .auto_date_header(false)

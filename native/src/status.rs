@@ -46,10 +46,12 @@ pub const NAMES: [&str; CODES] = [
 /// The status a peer wrote in `grpc-status`, if any (an unparsable one is UNKNOWN).
 pub fn code_of(headers: &HeaderMap) -> Option<u8> {
     let value = headers.get("grpc-status")?;
-    Some(match value.to_str().ok().and_then(|s| s.parse::<u8>().ok()) {
-        Some(code) if (code as usize) < CODES => code,
-        _ => UNKNOWN,
-    })
+    Some(
+        match value.to_str().ok().and_then(|s| s.parse::<u8>().ok()) {
+            Some(code) if (code as usize) < CODES => code,
+            _ => UNKNOWN,
+        },
+    )
 }
 
 pub fn encode_message(text: &str) -> String {
@@ -111,13 +113,18 @@ pub struct Status {
 
 impl Status {
     pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Status { code, message: message.into() }
+        Status {
+            code,
+            message: message.into(),
+        }
     }
 }
 
 /// The bytes a status' message becomes in a header, for tests.
 pub fn header_text(headers: &HeaderMap, name: &str) -> Option<Bytes> {
-    headers.get(name).map(|v| Bytes::copy_from_slice(v.as_bytes()))
+    headers
+        .get(name)
+        .map(|v| Bytes::copy_from_slice(v.as_bytes()))
 }
 
 #[cfg(test)]
@@ -127,7 +134,10 @@ mod tests {
     #[test]
     fn messages_are_percent_encoded() {
         assert_eq!(encode_message("plain text: ok"), "plain text: ok");
-        assert_eq!(encode_message("100% ünïcode\n"), "100%25 %C3%BCn%C3%AFcode%0A");
+        assert_eq!(
+            encode_message("100% ünïcode\n"),
+            "100%25 %C3%BCn%C3%AFcode%0A"
+        );
     }
 
     #[test]
@@ -136,7 +146,10 @@ mod tests {
         assert_eq!(parse_timeout(b"3M"), Some(Duration::from_secs(180)));
         assert_eq!(parse_timeout(b"100S"), Some(Duration::from_secs(100)));
         assert_eq!(parse_timeout(b"1500m"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_timeout(b"99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(
+            parse_timeout(b"99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
         assert_eq!(parse_timeout(b"7n"), Some(Duration::from_nanos(7)));
     }
 
@@ -163,7 +176,10 @@ mod tests {
     fn a_trailers_only_response_carries_code_and_message() {
         let r = trailers_only(UNAVAILABLE, "runtime down", ());
         assert_eq!(code_of(r.headers()), Some(UNAVAILABLE));
-        assert_eq!(header_text(r.headers(), "grpc-message").unwrap(), Bytes::from_static(b"runtime down"));
+        assert_eq!(
+            header_text(r.headers(), "grpc-message").unwrap(),
+            Bytes::from_static(b"runtime down")
+        );
         assert_eq!(r.headers()["content-type"], "application/grpc");
     }
 }

@@ -76,7 +76,11 @@ pub struct Parent {
 }
 
 fn hex_into(src: &str, dst: &mut [u8]) -> Option<()> {
-    if src.len() != dst.len() * 2 || !src.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if src.len() != dst.len() * 2
+        || !src
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     for (i, out) in dst.iter_mut().enumerate() {
@@ -87,11 +91,16 @@ fn hex_into(src: &str, dst: &mut [u8]) -> Option<()> {
 
 pub fn parse_traceparent(value: &str) -> Option<Parent> {
     let mut parts = value.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if version != "00" || parts.next().is_some() {
         return None;
     }
-    let mut p = Parent { trace_id: [0; 16], span_id: [0; 8], sampled: false };
+    let mut p = Parent {
+        trace_id: [0; 16],
+        span_id: [0; 8],
+        sampled: false,
+    };
     hex_into(trace, &mut p.trace_id)?;
     hex_into(span, &mut p.span_id)?;
     let mut f = [0u8; 1];
@@ -126,7 +135,9 @@ pub struct Record {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 pub struct Tracer {
@@ -140,19 +151,31 @@ pub struct Tracer {
 impl Tracer {
     pub fn new(sampler: Sampler, queue: usize) -> Self {
         let (records, inbox) = std::sync::mpsc::sync_channel(queue);
-        Tracer { sampler, records, inbox: Mutex::new(inbox), dropped: AtomicU64::new(0), seed: AtomicU64::new(now_ns()) }
+        Tracer {
+            sampler,
+            records,
+            inbox: Mutex::new(inbox),
+            dropped: AtomicU64::new(0),
+            seed: AtomicU64::new(now_ns()),
+        }
     }
 
     fn random(&self) -> u64 {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+        h.write_u64(
+            self.seed
+                .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed),
+        );
         h.finish().max(1)
     }
 
     /// Begin the call's span if it is sampled, and point the upstream traceparent at it.
     pub fn begin(&self, headers: &mut HeaderMap) -> Option<Span> {
-        let parent = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+        let parent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
         let trace_id = match &parent {
             Some(p) => p.trace_id,
             None => {
@@ -162,18 +185,36 @@ impl Tracer {
                 id
             }
         };
-        if !self.sampler.sample(&trace_id, parent.as_ref().map(|p| p.sampled)) {
+        if !self
+            .sampler
+            .sample(&trace_id, parent.as_ref().map(|p| p.sampled))
+        {
             return None;
         }
-        let span = Span { trace_id, span_id: self.random().to_be_bytes(), parent: parent.map(|p| p.span_id), start_ns: now_ns() };
+        let span = Span {
+            trace_id,
+            span_id: self.random().to_be_bytes(),
+            parent: parent.map(|p| p.span_id),
+            start_ns: now_ns(),
+        };
         let value = format!("00-{}-{}-01", hex(&span.trace_id), hex(&span.span_id));
-        headers.insert("traceparent", HeaderValue::from_str(&value).expect("hex is a valid header value"));
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_str(&value).expect("hex is a valid header value"),
+        );
         Some(span)
     }
 
     pub fn finish(&self, span: Span, path: String, code: u8) {
-        let record = Record { span, path, end_ns: now_ns(), code };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.records.try_send(record) {
+        let record = Record {
+            span,
+            path,
+            end_ns: now_ns(),
+            code,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.records.try_send(record)
+        {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -212,7 +253,13 @@ mod tests {
         let span = tracer.begin(&mut h).expect("sampled");
         assert_eq!(hex(&span.parent.unwrap()), "00f067aa0ba902b7");
         let sent = h["traceparent"].to_str().unwrap().to_string();
-        assert_eq!(sent, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01", hex(&span.span_id)));
+        assert_eq!(
+            sent,
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+                hex(&span.span_id)
+            )
+        );
         assert_ne!(span.span_id, span.parent.unwrap());
     }
 
@@ -232,7 +279,11 @@ mod tests {
         let mut h = HeaderMap::new();
         let span = tracer.begin(&mut h).expect("root sampled");
         assert!(span.parent.is_none());
-        assert!(parse_traceparent(h["traceparent"].to_str().unwrap()).unwrap().sampled);
+        assert!(
+            parse_traceparent(h["traceparent"].to_str().unwrap())
+                .unwrap()
+                .sampled
+        );
         let off = Tracer::new(Sampler::parse("parentbased_always_off", 1.0).unwrap(), 4);
         assert!(off.begin(&mut HeaderMap::new()).is_none());
     }
@@ -244,7 +295,10 @@ mod tests {
         low[8] = 0x7f;
         let mut high = [0u8; 16];
         high[8] = 0x80;
-        assert!(s.sample(&low, Some(false)), "not parent-based: the parent's flag is ignored");
+        assert!(
+            s.sample(&low, Some(false)),
+            "not parent-based: the parent's flag is ignored"
+        );
         assert!(!s.sample(&high, Some(true)));
         assert_eq!(Sampler::parse("sometimes", 1.0), None);
     }

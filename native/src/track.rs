@@ -20,7 +20,8 @@ impl Permit {
             if now >= limit {
                 return None;
             }
-            match in_flight.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
+            match in_flight.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return Some(Permit(in_flight.clone())),
                 Err(actual) => now = actual,
             }

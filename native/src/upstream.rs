@@ -73,7 +73,11 @@ impl Upstream {
 
     /// Keep a connection up until `stop` says otherwise.
     /// `first` is told when the first dial ended, either way.
-    pub async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>, first: oneshot::Sender<()>) {
+    pub async fn maintain(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+        first: oneshot::Sender<()>,
+    ) {
         let mut backoff = RECONNECT_INITIAL;
         let mut ever = false;
         let mut first = Some(first);
@@ -119,14 +123,18 @@ impl Upstream {
 
     /// Dial once; on success, a receiver that resolves (with why) when the connection ends.
     async fn connect_once(&self) -> Result<oneshot::Receiver<String>, String> {
-        let stream = UnixStream::connect(&self.path).await.map_err(|e| format!("connect {}: {e}", self.path.display()))?;
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.path.display()))?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(1 << 20);
-        let (sender, conn) =
-            builder.handshake(TokioIo::new(stream)).await.map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         let (done_tx, done_rx) = oneshot::channel::<String>();
         tokio::spawn(async move {
             let why = match conn.await {
