@@ -11,22 +11,42 @@ RECONNECT_MAX_SECONDS: float
 class DataPlane:
     """The data plane of one proxy (see the module docs)."""
     def __init__(self, *, runtime_endpoint: str, image_endpoint: str, methods: list[tuple[str, bool]], max_message_bytes: int, max_concurrent_calls: int, connection_age_seconds: float, threads: int = 1) -> None: ...
-    def start(self, listen_path: str) -> None:
-        """Bind `listen_path` and start serving; returns once the runtime was dialled once (whether
-        or not it answered). OSError when the path cannot be bound.
-        """
+    def connections(self) -> int:
+        """Connections being served now."""
         ...
-    def set_routes(self, runtime_apis: list[str], image_apis: list[str], intercepted: list[str]) -> None:
-        """Replace the route table: the APIs each upstream speaks, and the intercepted method keys."""
+    def in_flight(self) -> int:
+        """Calls being served now (streams included)."""
+        ...
+    def is_connected(self, role: str) -> bool:
+        """True while the upstream of `role` ("runtime" or "image") is connected."""
         ...
     def set_control(self, event_loop: asyncio.AbstractEventLoop, on_call: Callable[[InterceptedCall], object], on_done: Callable[[InterceptedCall, int, bytes | None], object]) -> None:
         """Hand intercepted calls to `on_call(call)` and their answers to `on_done(call, code,
         response)`, both scheduled on `event_loop` with call_soon_threadsafe.
         """
         ...
+    def set_routes(self, runtime_apis: list[str], image_apis: list[str], intercepted: list[str]) -> None:
+        """Replace the route table: the APIs each upstream speaks, and the intercepted method keys."""
+        ...
     def set_tracing(self, sampler: str, ratio: float = 1.0, queue: int = 4096) -> None:
         """Trace sampled calls (OTEL_TRACES_SAMPLER's `sampler` and `ratio`); finished spans wait
         for `take_spans`, at most `queue` of them (more are dropped and counted).
+        """
+        ...
+    def snapshot(self) -> dict[str, Any]:
+        """The counters, for the metrics endpoint: see criproxy/metrics/native.py."""
+        ...
+    def spans_dropped(self) -> int:
+        """Finished spans dropped because the exporter fell behind."""
+        ...
+    def start(self, listen_path: str) -> None:
+        """Bind `listen_path` and start serving; returns once the runtime was dialled once (whether
+        or not it answered). OSError when the path cannot be bound.
+        """
+        ...
+    def stop(self, grace_seconds: float) -> bool:
+        """Stop: no new connections, every connection asked to finish (GOAWAY); wait up to
+        `grace_seconds` for them, then end the rest. True when all finished in time.
         """
         ...
     def take_spans(self, timeout_seconds: float) -> list[tuple[bytes, bytes, bytes | None, str, int, int, int]] | None:
@@ -35,47 +55,27 @@ class DataPlane:
         every span was taken.
         """
         ...
-    def spans_dropped(self) -> int:
-        """Finished spans dropped because the exporter fell behind."""
-        ...
-    def is_connected(self, role: str) -> bool:
-        """True while the upstream of `role` ("runtime" or "image") is connected."""
-        ...
-    def in_flight(self) -> int:
-        """Calls being served now (streams included)."""
-        ...
-    def connections(self) -> int:
-        """Connections being served now."""
-        ...
-    def stop(self, grace_seconds: float) -> bool:
-        """Stop: no new connections, every connection asked to finish (GOAWAY); wait up to
-        `grace_seconds` for them, then end the rest. True when all finished in time.
-        """
-        ...
-    def snapshot(self) -> dict[str, Any]:
-        """The counters, for the metrics endpoint: see criproxy/metrics/native.py."""
-        ...
 
 class InterceptedCall:
     """One intercepted call, as the pipeline sees it; answered once with `forward` or `fail`."""
+    @property
+    def deadline(self) -> float | None: ...
+    def fail(self, code: int, message: str) -> bool:
+        """End the call with gRPC status `code` and `message`; nothing goes upstream."""
+        ...
     def forward(self, message: bytes | None = None) -> bool:
         """Send `message` upstream (None: the caller's own bytes). False if the call was already
         answered or is gone (it timed out, or the caller left).
         """
         ...
-    def fail(self, code: int, message: str) -> bool:
-        """End the call with gRPC status `code` and `message`; nothing goes upstream."""
-        ...
     @property
-    def deadline(self) -> float | None: ...
-    state: Any
-    @property
-    def path(self) -> str: ...
-    @property
-    def method(self) -> str: ...
-    @property
-    def span(self) -> tuple[bytes, bytes] | None: ...
+    def message(self) -> bytes: ...
     @property
     def metadata(self) -> list[tuple[str, str]]: ...
     @property
-    def message(self) -> bytes: ...
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def span(self) -> tuple[bytes, bytes] | None: ...
+    state: Any
