@@ -1,12 +1,15 @@
 """Kubernetes quantities (`500m`, `2Gi`, `1.5`, `1e3`), parsed exactly (fractions, no floats).
 
-Written here rather than taken from a library: the Kubernetes Python client has no parser
-that keeps exact values, and the grammar is small. Suffixes: binary Ki Mi Gi Ti Pi Ei;
-decimal n u m k M G T P E; or a decimal exponent e<N>/E<N>.
+Written here rather than taken from a library: the Kubernetes Python client has one
+(kubernetes.utils.parse_quantity, exact Decimals), but it comes with a whole API client as a
+dependency for a grammar this small; and a Fraction stays exact through the arithmetic the
+resources interceptor does with it (CPUs x period in µs, CPU time per period compared as ratios).
+Suffixes: binary Ki Mi Gi Ti Pi Ei; decimal n u m k M G T P E; or a decimal exponent e<N>/E<N>.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from fractions import Fraction
 
@@ -22,6 +25,13 @@ class QuantityError(ValueError):
     """Not a Kubernetes quantity; the message quotes the value."""
 
 
+#: Parsed quantities kept for reuse: a node's pods repeat the same few annotation values on every
+#: intercepted call, and parsing one (regex, Fractions) costs more than the rest of its decision.
+#: Fractions are immutable, so sharing them is safe; values that fail to parse are not kept.
+PARSED_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
 def parse_quantity(text: str) -> Fraction:
     """The exact value of a Kubernetes quantity string."""
     if len(text) > MAX_LENGTH:

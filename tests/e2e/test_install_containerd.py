@@ -67,10 +67,14 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    shutil.copytree(REPO / "criproxy", source / "criproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "criproxy", source / "criproxy",
+                    ignore=shutil.ignore_patterns("__pycache__", "_native*.so"))
+    shutil.copytree(REPO / "native", source / "native", ignore=shutil.ignore_patterns("target"))
     wheels = tmp_path_factory.mktemp("wheels")
+    # The data plane is compiled into the wheel; the work tree's cargo cache makes that quick.
+    env = {**os.environ, "CARGO_TARGET_DIR": str(REPO / "native" / "target")}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(wheels), str(source)], check=True, timeout=300)
+                    "--wheel-dir", str(wheels), str(source)], check=True, timeout=600, env=env)
     bundled = sorted((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
     if bundled:  # else install.sh falls back to `python -m pip`, which --system-site-packages provides
         shutil.copy(bundled[-1], wheels)
