@@ -35,6 +35,9 @@ class Change:
     raw: str = ""
     #: The interceptor that proposed it (filled in by the pipeline).
     by: str = ""
+    #: Why the value is what it is when that is not simply the annotation's (e.g. an update where the
+    #: kubelet's own value was tighter and stands); '' otherwise. Shown in the call's decision.
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,11 @@ class Denial:
 
     reason: str
     code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED
+    #: What is refused, for the call's decision: the setting, the annotation key and its raw value
+    #: (key and value '' when the refused value comes from configuration, not from an annotation).
+    setting: str = ""
+    key: str = ""
+    value: str = ""
 
     def as_adjustment(self) -> Adjustment:
         return Adjustment(denial=self)

@@ -120,6 +120,16 @@ def setting_kind(setting: str) -> str | None:
                  len(setting) > len(prefix)), None)
 
 
+_READ_BY = {"runtime-handler": "runtime-handler", "seccomp-profile": "seccomp"}
+
+
+def interceptor_of(setting: str) -> str:
+    """The built-in interceptor that reads `setting` ('policy' for a setting criproxy does not have)."""
+    if setting_kind(setting) is None:
+        return "policy"
+    return _READ_BY.get(setting, "resources")
+
+
 def setting_of(key: str, domain: str) -> tuple[str, str | None] | None:
     """(setting, container name or None for pod scope) for a key of `domain`; None for other keys."""
     prefix, slash, name = key.partition("/")

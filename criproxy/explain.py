@@ -184,8 +184,9 @@ async def explain_pod(pod: Pod, pipeline: Pipeline) -> list[Explained]:
         except CriProxyError as err:
             out.append(Explained(method, container, "error", err.code.name, err.message))
             continue
-        decisions = [{"action": d.action, "rule": d.rule, "mode": d.mode, "setting": d.setting, "key": d.key,
-                      "value": d.value, "reason": d.reason} for d in outcome.decisions]
+        decisions = [{"action": d.action, "rule": d.rule, "mode": d.mode, "interceptor": d.interceptor,
+                      "setting": d.setting, "key": d.key, "value": d.value, "reason": d.reason}
+                     for d in outcome.decisions]
         if outcome.denial is not None:
             out.append(Explained(method, container, "denied", outcome.denial.code.name, outcome.denial.reason,
                                  decisions=decisions))

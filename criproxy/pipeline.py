@@ -9,13 +9,17 @@ Notes:
   run in the configured order; each returns an Adjustment. The pipeline records who proposed
   each change; two interceptors setting the same field is a conflict that fails the call
   (FAILED_PRECONDITION) naming both: the configuration must decide.
-- An annotation an interceptor cannot use fails the call with INVALID_ARGUMENT naming the pod,
-  the key, the raw value and what is accepted; a denial fails it with the denial's code. A
-  failed call is never sent to the runtime.
+- An annotation an interceptor cannot use is a rejection with INVALID_ARGUMENT naming the pod,
+  the key, the raw value and what is accepted; an interceptor's denial is one with its own code.
+  Rejections count by the mode of the rule that matches the pod, like policy's violations:
+  enforce (and no policy file) fails the call with that code, and a failed call is never sent to
+  the runtime; audit records them and goes on without the rejecting interceptor's adjustment;
+  dry-run records them ("enforce would fail the call ...") and changes nothing.
 - An interceptor that raises anything else, or runs past its deadline, fails the call closed
   (INTERNAL / DEADLINE_EXCEEDED) unless policy says that interceptor fails open (then its
   adjustment is skipped and the skip recorded). A synchronous interceptor cannot be stopped
   while it runs: its overrun is judged when it returns. One that may block must be async.
+  In dry-run nothing fails the call: failing closed and conflicts are recorded instead.
 - Policy reviews the merged changes once, with the pod and the rule that matches it.
 - What was applied is stamped on the request as the `<domain>/applied` annotation (JSON), so
   `crictl inspectp` / `crictl inspect` show who changed which field, from what, to what. A
@@ -31,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -39,7 +43,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from criproxy.adjust import NOTHING, Adjustment, Change, Denial, apply_change, provenance, read_field
-from criproxy.annotations import Lookup
+from criproxy.annotations import Lookup, setting_of
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.context import (
     CREATE_CONTAINER,
@@ -58,9 +62,10 @@ from criproxy.errors import (
 )
 from criproxy.interceptors.base import Interceptor, InvalidAnnotation
 from criproxy.metrics import Metrics
-from criproxy.policies import DENIED, FAILED_OPEN, AllowAll, Decision, Policy
+from criproxy.policies import AUDITED, DENIED, DRY_RUN, FAILED_OPEN, AllowAll, Decision, Policy
 from criproxy.policies.engine import pinned_annotations
-from criproxy.relay import Call
+from criproxy.policies.model import FailurePolicy
+from criproxy.seam import Call
 from criproxy.state import Caller, ContainerIndex, ContainerInfo, discover_runtime_facts, pod_info
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,8 @@ log = logging.getLogger(__name__)
 REMOVE_CONTAINER = "RuntimeService/RemoveContainer"
 REMOVE_POD_SANDBOX = "RuntimeService/RemovePodSandbox"
 _ERRORS: dict[Any, type[CriProxyError]] = {e.code: e for e in (InvalidArgument, PermissionDenied, FailedPrecondition)}
+#: Modes in which what an interceptor rejects is recorded instead of failing the call.
+LENIENT = frozenset({"audit", "dry-run"})
 
 #: Receives every call's decisions (the decision log and metrics subscribe here).
 DecisionSink = Callable[[CallContext, Sequence[Decision]], None]
@@ -84,8 +91,7 @@ def all_of(*sinks: DecisionSink) -> DecisionSink:
 def metrics_sink(metrics: Metrics) -> DecisionSink:
     def count(ctx: CallContext, decisions: Sequence[Decision]) -> None:
         for d in decisions:
-            by = d.change.by if d.change is not None else (d.setting if d.action == FAILED_OPEN else "policy")
-            metrics.decision(by, d.rule, d.action, d.setting)
+            metrics.decision(d.interceptor or "policy", d.rule, d.action, d.setting)
     return count
 
 
@@ -166,15 +172,42 @@ class Pipeline:
             added = {k: v for k, v in defaults.items() if k not in ctx.pod.annotations}
             ctx = replace(ctx, pod=replace(ctx.pod, annotations={**ctx.pod.annotations, **added}),
                           injected=frozenset(added))
-        skipped: list[Decision] = []
-        results = [(i, await self._run(i, ctx, policy, skipped)) for i in self._by_event.get(ctx.method, ())]
-        for interceptor, adjustment in results:
-            if adjustment.denial is not None:
-                denied = Decision(DENIED, "", "", interceptor.name, "", "", adjustment.denial.reason)
-                return Outcome(ctx, (), adjustment.denial, (*skipped, denied))
-        changes = self._merge(ctx, results)
+        judged = _Judged(ctx, *policy.rule_of(ctx))
+        results = await self._run_all(judged, policy)
+        if isinstance(results, Outcome):
+            return results
+        try:
+            changes = self._merge(ctx, results)
+        except _Conflict as err:
+            if judged.mode != "dry-run":
+                raise
+            judged.would_fail(err.change.by, err, err.change.setting, err.change.key, err.change.raw)
+            changes = []
         review = policy.review(ctx, changes)
-        return Outcome(ctx, review.changes, review.denial, (*skipped, *review.decisions), review.modify)
+        return Outcome(ctx, review.changes, review.denial, (*judged.noted, *review.decisions), review.modify)
+
+    async def _run_all(self, judged: _Judged, policy: Policy) -> list[tuple[Interceptor, Adjustment]] | Outcome:
+        """Every subscribed interceptor's adjustment, in order, without those that rejected the call in
+        audit and dry-run; the Outcome denying the call for a rejection in enforce."""
+        ctx, results = judged.ctx, []
+        first: tuple[Interceptor, Denial] | None = None
+        for interceptor in self._by_event.get(ctx.method, ()):
+            try:
+                adjustment = await self._run(interceptor, judged, policy.failure(interceptor.name))
+            except InvalidAnnotation as err:  # the pod's fault, not the interceptor's: never fails open
+                parsed = setting_of(err.key, self.lookup.domain)
+                denial = Denial(f"criproxy: {ctx.who}: {err}", grpc.StatusCode.INVALID_ARGUMENT,
+                                err.setting or (parsed[0] if parsed else ""), err.key, err.raw)
+                if judged.mode not in LENIENT:
+                    return judged.deny(interceptor, denial)  # at once: later interceptors do not run
+                adjustment = denial.as_adjustment()
+            if adjustment.denial is None:
+                results.append((interceptor, adjustment))
+            elif judged.mode in LENIENT:
+                judged.let_through(interceptor, adjustment.denial)
+            elif first is None:
+                first = interceptor, adjustment.denial
+        return judged.deny(*first) if first is not None else results
 
     async def refresh(self) -> None:
         """Re-learn the runtime (handlers) and the node (container index); called on every (re)connect."""
@@ -215,7 +248,7 @@ class Pipeline:
         if key == CREATE_CONTAINER:
             s = request.sandbox_config
             return CallContext(key, pod_info(s.metadata, s.labels, s.annotations), request.config.metadata.name,
-                               request, self.facts, pinned=self._pinned(request.pod_sandbox_id))
+                               request, self.facts, pinned=await self._pinned(request.pod_sandbox_id))
         assert key == UPDATE_CONTAINER_RESOURCES
         info = self.index.container(request.container_id)
         if info is None and self.caller is not None:
@@ -224,10 +257,14 @@ class Pipeline:
             log.warning("UpdateContainerResources for unknown container %s: forwarded unchanged (the runtime "
                         "decides)", request.container_id)
             return None
-        return CallContext(key, info.pod, info.name, request, self.facts, pinned=self._pinned(info.sandbox_id))
+        return CallContext(key, info.pod, info.name, request, self.facts, pinned=await self._pinned(info.sandbox_id))
 
-    def _pinned(self, sandbox_id: str) -> dict[str, str] | None:
+    async def _pinned(self, sandbox_id: str) -> dict[str, str] | None:
+        """The criproxy annotations pinned on the sandbox at its creation; a sandbox the index no longer
+        holds (evicted from a full one) is looked up in the runtime, so its drift check stays on."""
         sandbox = self.index.sandbox(sandbox_id)
+        if sandbox is None and self.caller is not None and sandbox_id:
+            sandbox = await self.index.resolve_sandbox(sandbox_id, self.caller)
         text = sandbox.annotations.get(self._pinned_key) if sandbox is not None else None
         if text is None:
             return None
@@ -237,9 +274,11 @@ class Pipeline:
             return None
         return {str(k): str(v) for k, v in pinned.items()} if isinstance(pinned, dict) else None
 
-    async def _run(self, interceptor: Interceptor, ctx: CallContext, policy: Policy,
-                   skipped: list[Decision]) -> Adjustment:
-        failure = policy.failure(interceptor.name)
+    @staticmethod
+    async def _run(interceptor: Interceptor, judged: _Judged, failure: FailurePolicy) -> Adjustment:
+        """The interceptor's adjustment; InvalidAnnotation passes through. One that raises or overruns
+        fails the call closed, or is skipped (failing open; in dry-run)."""
+        ctx = judged.ctx
         started = time.monotonic()
         try:
             result: Any = interceptor.adjust(ctx)
@@ -249,27 +288,29 @@ class Pipeline:
                 raise TimeoutError
             assert isinstance(result, Adjustment), f"{interceptor.name} returned {result!r}, not an Adjustment"
             return result
-        except InvalidAnnotation as err:  # the pod's fault, not the interceptor's: never fails open
-            raise InvalidArgument(f"criproxy: {ctx.who}: {err}") from err
+        except InvalidAnnotation:
+            raise
         except TimeoutError as err:
             why = f"ran past its {failure.timeout_seconds:g} s deadline"
-            if failure.on_error == "open":
-                return self._failed_open(interceptor, ctx, why, skipped)
-            raise DeadlineExceeded(f"criproxy: interceptor {interceptor.name} {why} on {ctx.who}; the call was "
-                                   "not forwarded") from err
+            error: CriProxyError = DeadlineExceeded(
+                f"criproxy: interceptor {interceptor.name} {why} on {ctx.who}; the call was not forwarded")
+            cause: Exception = err
         except Exception as err:
             log.exception("interceptor %s failed on %s for %s", interceptor.name, ctx.method, ctx.who)
-            if failure.on_error == "open":
-                return self._failed_open(interceptor, ctx, f"failed: {err!r}", skipped)
-            raise Internal(f"criproxy: interceptor {interceptor.name} failed on {ctx.who}: {err!r}; the call was "
-                           "not forwarded") from err
-
-    @staticmethod
-    def _failed_open(interceptor: Interceptor, ctx: CallContext, why: str, skipped: list[Decision]) -> Adjustment:
-        log.warning("interceptor %s %s on %s for %s; failing open (its adjustment is skipped)", interceptor.name,
-                    why, ctx.method, ctx.who)
-        skipped.append(Decision(FAILED_OPEN, "", "", interceptor.name, "", "", f"interceptor {why}"))
-        return NOTHING
+            why = f"failed: {err!r}"
+            error = Internal(f"criproxy: interceptor {interceptor.name} failed on {ctx.who}: {err!r}; the call was "
+                             "not forwarded")
+            cause = err
+        if failure.on_error == "open":
+            log.warning("interceptor %s %s on %s for %s; failing open (its adjustment is skipped)", interceptor.name,
+                        why, ctx.method, ctx.who)
+            judged.noted.append(Decision(FAILED_OPEN, judged.rule, judged.mode, "", "", "",
+                                         f"interceptor {why}", interceptor=interceptor.name))
+            return NOTHING
+        if judged.mode == "dry-run":
+            judged.would_fail(interceptor.name, error)
+            return NOTHING
+        raise error from cause
 
     def _merge(self, ctx: CallContext, results: list[tuple[Interceptor, Adjustment]]) -> list[Change]:
         owners: dict[str, Change] = {}
@@ -280,10 +321,10 @@ class Pipeline:
                 mine = replace(change, by=interceptor.name)
                 other = owners.get(change.path)
                 if other is not None:
-                    raise FailedPrecondition(
+                    raise _Conflict(
                         f"criproxy: {ctx.who}: interceptors {other.by} and {interceptor.name} both set "
                         f"{change.path} ({other.value!r} from {other.key or 'config'}, {change.value!r} from "
-                        f"{change.key or 'config'}); disable one of them or remove one annotation")
+                        f"{change.key or 'config'}); disable one of them or remove one annotation", mine)
                 owners[change.path] = mine
         return list(owners.values())
 
@@ -314,3 +355,44 @@ class Pipeline:
 
 def _denied(denial: Denial) -> CriProxyError:
     return _ERRORS.get(denial.code, PermissionDenied)(denial.reason)
+
+
+class _Conflict(FailedPrecondition):
+    """Two interceptors set one field; `change` is the second one's."""
+
+    def __init__(self, message: str, change: Change) -> None:
+        super().__init__(message)
+        self.change = change
+
+
+@dataclass(slots=True)
+class _Judged:
+    """One call being decided: its context, the rule and mode judging it, and the decisions noted so
+    far (failed-open skips, and what audit and dry-run let through)."""
+
+    ctx: CallContext
+    rule: str
+    mode: str
+    noted: list[Decision] = field(default_factory=list)
+
+    def deny(self, interceptor: Interceptor, denial: Denial) -> Outcome:
+        denied = Decision(DENIED, self.rule, self.mode, denial.setting, denial.key, denial.value, denial.reason,
+                          interceptor=interceptor.name)
+        return Outcome(self.ctx, (), denial, (*self.noted, denied))
+
+    def let_through(self, interceptor: Interceptor, denial: Denial) -> None:
+        """Record a rejection that audit or dry-run does not fail the call for."""
+        if self.mode == "dry-run":
+            action, reason = DRY_RUN, f"enforce would fail the call ({denial.code.name}): {denial.reason}"
+        else:
+            action, reason = AUDITED, (f"{denial.reason} (enforce would fail the call, {denial.code.name}; it goes "
+                                       f"on without the {interceptor.name} adjustment)")
+        self.noted.append(Decision(action, self.rule, self.mode, denial.setting, denial.key, denial.value, reason,
+                                   interceptor=interceptor.name))
+
+    def would_fail(self, interceptor: str, error: CriProxyError, setting: str = "", key: str = "",
+                   value: str = "") -> None:
+        """Record, in dry-run, what would have failed the call in enforce."""
+        self.noted.append(Decision(DRY_RUN, self.rule, self.mode, setting, key, value,
+                                   f"enforce would fail the call ({error.code.name}): {error.message}",
+                                   interceptor=interceptor))

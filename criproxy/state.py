@@ -4,7 +4,10 @@
   container id, so the resources interceptor needs this to find the annotations that apply.
   Filled from CreateContainer results, emptied by RemoveContainer/RemovePodSandbox, rebuilt
   from ListPodSandbox + ListContainers at start and after every reconnect, and bounded: past
-  `max_entries` the least recently used entry goes (and is looked up again if needed).
+  `max_entries` (per table: containers, sandboxes) the least recently used entry goes, every lookup
+  counting as a use. An evicted container or sandbox is looked up in the runtime when it is needed
+  again (ListContainers, PodSandboxStatus), so eviction never turns a drift check off. Evictions
+  are counted (`evictions`, per table; `on_evict`), logged at debug, and warned about rarely.
 - RuntimeFacts: the runtime handlers the runtime has, read from its Status.
 """
 
@@ -43,31 +46,43 @@ def pod_info(metadata: Any, labels: Any, annotations: Any) -> PodInfo:
                    annotations=dict(annotations))
 
 
+#: Told of every eviction: (table, id), table being 'container' or 'sandbox'.
+EvictionListener = Callable[[str, str], None]
+
+
 class ContainerIndex:
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, *, on_evict: EvictionListener | None = None) -> None:
         self.max_entries = max_entries
         self._containers: OrderedDict[str, ContainerInfo] = OrderedDict()
         self._sandboxes: OrderedDict[str, PodInfo] = OrderedDict()
-        self.evictions = 0
+        #: Entries evicted so far because the table was full, per table ('container', 'sandbox').
+        self.evictions: dict[str, int] = {"container": 0, "sandbox": 0}
+        #: Called on every eviction (metrics subscribe here).
+        self.on_evict = on_evict
 
     def __len__(self) -> int:
         return len(self._containers)
 
     def add_sandbox(self, sandbox_id: str, pod: PodInfo) -> None:
-        self._put(self._sandboxes, sandbox_id, pod)
+        self._put("sandbox", self._sandboxes, sandbox_id, pod)
 
     def add_container(self, container_id: str, info: ContainerInfo) -> None:
-        self._put(self._containers, container_id, info)
+        self._put("container", self._containers, container_id, info)
 
-    def _put(self, table: OrderedDict[str, Any], key: str, value: Any) -> None:
+    def _put(self, kind: str, table: OrderedDict[str, Any], key: str, value: Any) -> None:
         table[key] = value
         table.move_to_end(key)
         while len(table) > self.max_entries:
-            table.popitem(last=False)
-            self.evictions += 1
-            if self.evictions in (1, 1000) or self.evictions % 100_000 == 0:
-                log.warning("container index full (%d entries): evicted %d least recently used so far; evicted "
-                            "containers are looked up in the runtime when needed", self.max_entries, self.evictions)
+            evicted, _ = table.popitem(last=False)
+            self.evictions[kind] += 1
+            log.debug("container index full: evicted %s %s (least recently used)", kind, evicted)
+            if self.on_evict is not None:
+                self.on_evict(kind, evicted)
+            total = sum(self.evictions.values())
+            if total in (1, 1000) or total % 100_000 == 0:
+                log.warning("container index full (%d entries per table): evicted %d least recently used so far "
+                            "(%s); evicted entries are looked up in the runtime when needed (--container-cache-size)",
+                            self.max_entries, total, ", ".join(f"{n} {k}s" for k, n in self.evictions.items()))
 
     def container(self, container_id: str) -> ContainerInfo | None:
         info = self._containers.get(container_id)
@@ -76,7 +91,10 @@ class ContainerIndex:
         return info
 
     def sandbox(self, sandbox_id: str) -> PodInfo | None:
-        return self._sandboxes.get(sandbox_id)
+        pod = self._sandboxes.get(sandbox_id)
+        if pod is not None:
+            self._sandboxes.move_to_end(sandbox_id)
+        return pod
 
     def remove_container(self, container_id: str) -> None:
         self._containers.pop(container_id, None)
@@ -123,6 +141,24 @@ class ContainerIndex:
                              pod_info(s.metadata, s.labels, s.annotations))
         self.add_container(container_id, info)
         return info
+
+
+    async def resolve_sandbox(self, sandbox_id: str, call: Caller) -> PodInfo | None:
+        """The sandbox's pod (with the annotations it was created with), asking the runtime when it is
+        not (or no longer) indexed; None when the runtime does not know it either."""
+        pod = self.sandbox(sandbox_id)
+        if pod is not None:
+            return pod
+        try:
+            status = (await call("RuntimeService/PodSandboxStatus",
+                                 api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id))).status
+        except grpc.aio.AioRpcError as err:
+            log.warning("cannot look up pod sandbox %s in the runtime: %s: %s", sandbox_id, err.code().name,
+                        err.details())
+            return None
+        pod = pod_info(status.metadata, status.labels, status.annotations)
+        self.add_sandbox(sandbox_id, pod)
+        return pod
 
 
 async def discover_runtime_facts(call: Caller) -> RuntimeFacts:

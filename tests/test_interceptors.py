@@ -100,7 +100,8 @@ def loosen(key: str, raw: str, field: str, old: Any, new: Any) -> Adjustment:
     setting = key.partition(".criproxy.io")[0]
     return Denial(f"criproxy: {WHO}: annotation {key}={raw!r} would loosen {field} from {old!r} (set by the "
                   f"kubelet) to {new!r}; annotations may only tighten resources unless the resources interceptor's "
-                  f"allow-loosening lists {setting}", grpc.StatusCode.PERMISSION_DENIED).as_adjustment()
+                  f"allow-loosening lists {setting}", grpc.StatusCode.PERMISSION_DENIED, setting, key,
+                  raw).as_adjustment()
 
 
 def test_events() -> None:
@@ -132,7 +133,8 @@ RUNTIME = RuntimeFacts(frozenset({"runc", "kata"}), "Status.runtime_handlers")
         (handler(), run_pod({RH: "kata"}, handler="runc", runtime=RUNTIME), Denial(
             f"criproxy: pod ns/web: annotation {RH}='kata' asks for runtime handler 'kata', but the pod's "
             "RuntimeClass chose 'runc'; an annotation does not override a RuntimeClass unless "
-            "runtime-handler.override-runtime-class is true", grpc.StatusCode.PERMISSION_DENIED).as_adjustment()),
+            "runtime-handler.override-runtime-class is true", grpc.StatusCode.PERMISSION_DENIED,
+            "runtime-handler", RH, "kata").as_adjustment()),
         (handler(override=True), run_pod({RH: "kata"}, handler="runc", runtime=RUNTIME), Adjustment(changes=(
             Change("runtime_handler", "kata", "runtime-handler", RH, "kata"),))),
         (handler(known=frozenset({"kata"})), run_pod({RH: "kata"}), Adjustment(changes=(
@@ -207,7 +209,8 @@ def test_runtime_handler_unknown_default_is_failed_precondition() -> None:
     result = handler(default="gvisor").adjust(run_pod({}, runtime=RUNTIME))
     assert result == Denial("criproxy: pod ns/web: the configured default runtime handler 'gvisor' cannot be used: the "
                             "runtime has no handler 'gvisor'; known handlers: kata, runc (from "
-                            "Status.runtime_handlers)", grpc.StatusCode.FAILED_PRECONDITION).as_adjustment()
+                            "Status.runtime_handlers)", grpc.StatusCode.FAILED_PRECONDITION,
+                            "runtime-handler", "", "gvisor").as_adjustment()
 
 
 # ---------------------------------------------------------------- seccomp
@@ -669,7 +672,7 @@ def test_resources_loosening_denial_exact_reason() -> None:
         "criproxy: container 'app' of pod ns/web: annotation memory-limit.criproxy.io/pod='2Gi' would loosen "
         "memory_limit_in_bytes from 1073741824 (set by the kubelet) to 2147483648; annotations may only tighten "
         "resources unless the resources interceptor's allow-loosening lists memory-limit",
-        grpc.StatusCode.PERMISSION_DENIED)
+        grpc.StatusCode.PERMISSION_DENIED, "memory-limit", MEM_P, "2Gi")
 
 
 @pytest.mark.parametrize(
@@ -730,12 +733,34 @@ def test_memory_swap_annotation_wins_over_following() -> None:
         Change(RES + "memory_swap_limit_in_bytes", 768 * Mi, "memory-swap", "memory-swap.criproxy.io/pod", "768Mi")))
 
 
+def kept(field: str, value: Any, setting: str, key: str, raw: str, *, annotation: Any) -> Change:
+    """On an update, the kubelet's tighter `value` standing against the annotation's."""
+    return Change("linux." + field, value, setting, key, raw, note=(
+        f"the kubelet's {field} {value!r} is tighter than the annotation's {annotation!r} and stands (on an update "
+        "the tighter of the two wins)"))
+
+
+def test_update_below_the_annotation_keeps_the_kubelets_tighter_value() -> None:
+    # The kubelet shrinks the container to 32Mi; the annotation says 64Mi: the kubelet's 32Mi wins, and says so.
+    resized = kubelet_with(memory_limit_in_bytes=32 * Mi, memory_swap_limit_in_bytes=32 * Mi)
+    assert res_interceptor().adjust(update({MEM_P: "64Mi"}, resized)) == Adjustment(changes=(
+        kept("memory_limit_in_bytes", 32 * Mi, "memory-limit", MEM_P, "64Mi", annotation=64 * Mi),
+        kept("memory_swap_limit_in_bytes", 32 * Mi, "memory-limit", MEM_P, "64Mi", annotation=64 * Mi)))
+    # Only the looser settings yield: a tighter annotation still applies beside them.
+    annotations = {MEM_P: "512Mi", "cpu-shares.criproxy.io/pod": "512", "cpu-quota.criproxy.io/pod": "2"}
+    assert res_interceptor().adjust(update(annotations, kubelet_with(memory_limit_in_bytes=256 * Mi))) == Adjustment(
+        changes=(kept("cpu_quota", 100_000, "cpu-quota", "cpu-quota.criproxy.io/pod", "2", annotation=200_000),
+                 Change("linux.cpu_shares", 512, "cpu-shares", "cpu-shares.criproxy.io/pod", "512"),
+                 kept("memory_limit_in_bytes", 256 * Mi, "memory-limit", MEM_P, "512Mi", annotation=512 * Mi)))
+
+
+def test_create_below_the_annotation_is_still_a_loosening() -> None:
+    resized = kubelet_with(memory_limit_in_bytes=32 * Mi, memory_swap_limit_in_bytes=32 * Mi)
+    assert res_interceptor().adjust(create({MEM_P: "64Mi"}, kubelet=resized)) == loosen(
+        MEM_P, "64Mi", "memory_limit_in_bytes", 32 * Mi, 64 * Mi)
+
+
 def test_update_container_resources_judges_against_the_update() -> None:
-    resized = kubelet_with(memory_limit_in_bytes=256 * Mi)
-    assert res_interceptor().adjust(update({MEM_P: "512Mi"}, resized)) == Denial(
-        f"criproxy: {WHO}: annotation {MEM_P}='512Mi' would loosen memory_limit_in_bytes from 268435456 (set by the "
-        "kubelet) to 536870912; annotations may only tighten resources unless the resources interceptor's "
-        "allow-loosening lists memory-limit", grpc.StatusCode.PERMISSION_DENIED).as_adjustment()
     hugepages = {"hugepages-2mi.criproxy.io/pod": "2Mi", "unified.pids.max.criproxy.io/pod": "64"}
     assert res_interceptor().adjust(update(hugepages, kubelet_with(hugepage_limits={"2MB": 4 * Mi}))) == Adjustment(
         changes=(Change("linux.hugepage_limits[2MB]", 2 * Mi, "hugepages-2mi", "hugepages-2mi.criproxy.io/pod", "2Mi"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any
 
 import grpc
@@ -12,11 +14,18 @@ from criproxy.adjust import Adjustment, Change
 from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext, RuntimeFacts
+from criproxy.errors import FailedPrecondition, Internal
+from criproxy.interceptors import build_interceptors
 from criproxy.pipeline import Pipeline
+from criproxy.policies.engine import AnnotationPolicy
+from criproxy.policies.model import parse_policy
 from criproxy.server import Proxy, start_proxy
+from criproxy.state import pod_info
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread
+from tests.support.pods import wait_for
+from tests.support.waiting import eventually
 
 UNKNOWN_FIELD = b"\xba\x3e\x05hello"  # field 999: not in any CRI message
 APPLIED = "criproxy.io/applied"
@@ -250,7 +259,8 @@ def test_remove_forgets_and_a_miss_is_looked_up_in_the_runtime(configured: Any, 
     assert proxy.pipeline is not None
     call(proxy, "RuntimeService/RemoveContainer",
          api_pb2.RemoveContainerRequest(container_id="c-old").SerializeToString())
-    assert proxy.pipeline.index.container("c-old") is None
+    index = proxy.pipeline.index
+    eventually(lambda: index.container("c-old") is None, "the index forgets a removed container")
     fake.script("RuntimeService/PodSandboxStatus", Reply(messages=[api_pb2.PodSandboxStatusResponse(
         status=api_pb2.PodSandboxStatus(id="pod-1", metadata=pod_config({}).metadata,
                                         annotations={"memory-limit.criproxy.io/pod": "64Mi"})
@@ -261,4 +271,158 @@ def test_remove_forgets_and_a_miss_is_looked_up_in_the_runtime(configured: Any, 
     assert got.linux.memory_limit_in_bytes == 64 << 20
     call(proxy, "RuntimeService/RemovePodSandbox",
          api_pb2.RemovePodSandboxRequest(pod_sandbox_id="pod-1").SerializeToString())
-    assert proxy.pipeline.index.container("c-old") is None
+    eventually(lambda: index.container("c-old") is None, "the index forgets a removed sandbox's containers")
+
+
+# ---------------------------------------------------------------- every decision names what it is about
+
+KINDS_POLICY = """\
+apiVersion: criproxy.io/v1alpha1
+kind: AnnotationPolicy
+interceptors: {{broken: {{onError: {on_error}}}}}
+rules:
+  - name: demo
+    namespaces: [demo]
+    mode: {mode}
+    settings:
+      memory-limit: {{max: 512Mi}}
+      runtime-handler: {{values: [kata, runc]}}
+      seccomp-profile: {{forbid: [unconfined], effective: true}}
+      cpu-shares: {{required: true}}
+"""
+UPDATE = "RuntimeService/UpdateContainerResources"
+MEM = "memory-limit.criproxy.io/pod"
+SHARES = {"cpu-shares.criproxy.io/pod": "512"}  # what the rule requires
+
+
+class Raises:
+    name, events = "broken", frozenset({RUN_POD_SANDBOX, CREATE_CONTAINER})
+
+    def adjust(self, ctx: CallContext) -> Adjustment:
+        raise RuntimeError("boom")
+
+
+def kinds_ctx(method: str, annotations: dict[str, str], *, handler: str = "", memory: int = 1 << 30,
+              pinned: dict[str, str] | None = None, seccomp: int = api_pb2.SecurityProfile.RuntimeDefault
+              ) -> CallContext:
+    """A call of pod demo/web (container app) as the pipeline sees it."""
+    if method == RUN_POD_SANDBOX:
+        run = api_pb2.RunPodSandboxRequest(config=pod_config(annotations, namespace="demo"), runtime_handler=handler)
+        run.config.linux.security_context.seccomp.profile_type = seccomp  # type: ignore[assignment]
+        return CallContext(method, pod_info(run.config.metadata, {}, run.config.annotations), None, run,
+                           RuntimeFacts(frozenset({"runc", "kata"}), "test"))
+    if method == CREATE_CONTAINER:
+        create = api_pb2.CreateContainerRequest.FromString(create_request(annotations, memory=memory))
+        create.sandbox_config.metadata.namespace = "demo"
+        create.config.linux.security_context.seccomp.profile_type = seccomp  # type: ignore[assignment]
+        s = create.sandbox_config
+        return CallContext(method, pod_info(s.metadata, {}, s.annotations), "app", create, pinned=pinned)
+    update = api_pb2.UpdateContainerResourcesRequest.FromString(update_request("c1", memory=memory))
+    metadata = api_pb2.PodSandboxMetadata(name="web", uid="uid-1", namespace="demo")
+    return CallContext(method, pod_info(metadata, {}, annotations), "app", update, pinned=pinned)
+
+
+#: kind: (mode, the broken interceptor's onError or None, call, the action expected among the call's decisions,
+#: the fields that may be '' there: only where nothing of the kind exists)
+DECISION_KINDS: dict[str, tuple[str, str | None, CallContext, str, frozenset[str]]] = {
+    "applied": ("enforce", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "256Mi"}), "applied", frozenset()),
+    "applied-kubelet-tighter-on-update": (
+        "enforce", None, kinds_ctx(UPDATE, {**SHARES, MEM: "256Mi"}, memory=128 << 20), "applied", frozenset()),
+    "denied-loosening": (
+        "enforce", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "256Mi"}, memory=128 << 20), "denied",
+        frozenset()),
+    "denied-invalid-annotation": (
+        "enforce", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "lots"}), "denied", frozenset()),
+    "denied-runtime-class": (
+        "enforce", None, kinds_ctx(RUN_POD_SANDBOX, {**SHARES, "runtime-handler.criproxy.io": "kata"}, handler="runc"),
+        "denied", frozenset()),
+    "denied-unknown-handler": (
+        "enforce", None, kinds_ctx(RUN_POD_SANDBOX, {**SHARES, "runtime-handler.criproxy.io": "gvisor"}), "denied",
+        frozenset()),
+    "denied-value": ("enforce", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "768Mi"}), "denied", frozenset()),
+    "denied-unlisted-setting": (
+        "enforce", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, "cpu-quota.criproxy.io/pod": "500m"}), "denied",
+        frozenset()),
+    "denied-required": ("enforce", None, kinds_ctx(CREATE_CONTAINER, {}), "denied", frozenset()),
+    "denied-drift": ("enforce", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "256Mi"}, pinned={
+        **SHARES, MEM: "128Mi", "cpu-quota.criproxy.io/pod": "1"}), "denied", frozenset()),
+    # the kubelet's value, not an annotation's: no annotation to name
+    "denied-effective": (
+        "enforce", None, kinds_ctx(RUN_POD_SANDBOX, SHARES, seccomp=api_pb2.SecurityProfile.Unconfined), "denied",
+        frozenset({"key"})),
+    "audited-value": ("audit", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "768Mi"}), "audited", frozenset()),
+    "audited-loosening": (
+        "audit", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "256Mi"}, memory=128 << 20), "audited",
+        frozenset()),
+    "dry-run-change": ("dry-run", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "256Mi"}), "dry-run", frozenset()),
+    "dry-run-invalid-annotation": (
+        "dry-run", None, kinds_ctx(CREATE_CONTAINER, {**SHARES, MEM: "lots"}), "dry-run", frozenset()),
+    # an interceptor that failed: no setting and no annotation is to blame
+    "dry-run-failing-closed": ("dry-run", "closed", kinds_ctx(RUN_POD_SANDBOX, SHARES), "dry-run",
+                               frozenset({"setting", "key"})),
+    # (failed-open, like failing closed, concerns the interceptor, not one of its settings)
+    "failed-open": ("enforce", "open", kinds_ctx(RUN_POD_SANDBOX, SHARES), "failed-open",
+                    frozenset({"setting", "key"})),
+}
+
+
+@pytest.mark.parametrize("kind", list(DECISION_KINDS))
+def test_every_decision_names_its_interceptor_rule_mode_setting_and_annotation(kind: str) -> None:
+    mode, broken, ctx, action, may_be_empty = DECISION_KINDS[kind]
+    policy = AnnotationPolicy(parse_policy(KINDS_POLICY.format(mode=mode, on_error=broken or "closed"), "p.yaml"),
+                              Lookup())
+    interceptors: list[Any] = [*([Raises()] if broken else []), *build_interceptors(None, {}, Lookup(), "test")]
+    outcome = asyncio.run(Pipeline(interceptors, lookup=Lookup(), policy=policy).decide(ctx))
+    assert action in [d.action for d in outcome.decisions], outcome.decisions
+    for d in outcome.decisions:
+        fields = {"interceptor": d.interceptor, "rule": d.rule, "mode": d.mode, "setting": d.setting, "key": d.key}
+        assert [name for name, value in fields.items() if not value and name not in may_be_empty] == [], d
+        assert (d.rule, d.mode) == ("demo", mode), d
+        assert d.interceptor in ("resources", "seccomp", "runtime-handler", "broken"), d
+        assert d.reason, d
+
+
+def test_a_kubelet_shrinking_below_the_annotation_on_update_wins_and_is_recorded(
+        configured: Any, fake: FakeRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="criproxy.pipeline")
+    proxy = configured()
+    fake.script(CREATE_CONTAINER, Reply(messages=[api_pb2.CreateContainerResponse(
+        container_id="c-7").SerializeToString()]))
+    call(proxy, CREATE_CONTAINER, create_request({"memory-limit.criproxy.io/pod": "64Mi"}))
+    assert proxy.pipeline is not None
+    index = proxy.pipeline.index
+    wait_for("c-7 indexed", lambda: index.container("c-7") is not None)  # once the runtime has answered
+    call(proxy, UPDATE, update_request("c-7", memory=32 << 20))
+    got = sent(fake, UPDATE, api_pb2.UpdateContainerResourcesRequest)
+    assert got.linux.memory_limit_in_bytes == 32 << 20
+    assert [(e["field"], e["value"], e["was"]) for e in json.loads(got.annotations[APPLIED])] == [
+        ("linux.memory_limit_in_bytes", 32 << 20, 32 << 20)]
+    assert any(r.getMessage().startswith(f"{UPDATE} container 'app' of pod criproxy-demo/web: applied memory-limit ")
+               and "the kubelet's memory_limit_in_bytes 33554432 is tighter than the annotation's 67108864 and stands"
+               in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", ["dry-run", "audit", "enforce"])
+def test_in_dry_run_not_even_a_conflict_or_a_closed_failure_fails_the_call(mode: str) -> None:
+    policy = AnnotationPolicy(parse_policy(KINDS_POLICY.format(mode=mode, on_error="closed"), "p.yaml"), Lookup())
+    ctx = kinds_ctx(RUN_POD_SANDBOX, SHARES)
+    conflicting = Pipeline([Claims("first", "runtime_handler", "a"), Claims("second", "runtime_handler", "b")],
+                           lookup=Lookup(), policy=policy)
+    failing = Pipeline([Raises()], lookup=Lookup(), policy=policy)
+    if mode != "dry-run":  # a configuration problem and a failing interceptor are not violations audit lets pass
+        with pytest.raises(FailedPrecondition):
+            asyncio.run(conflicting.decide(ctx))
+        with pytest.raises(Internal):
+            asyncio.run(failing.decide(ctx))
+        return
+    outcome = asyncio.run(conflicting.decide(ctx))
+    assert (outcome.denial, outcome.changes, outcome.modify) == (None, (), False)
+    (conflict,) = [d for d in outcome.decisions if d.interceptor == "second"]
+    assert (conflict.action, conflict.setting, conflict.key) == ("dry-run", "test", "second.criproxy.io/pod")
+    assert conflict.reason.startswith("enforce would fail the call (FAILED_PRECONDITION): criproxy: pod demo/web: "
+                                      "interceptors first and second both set runtime_handler")
+    outcome = asyncio.run(failing.decide(ctx))
+    assert (outcome.denial, outcome.modify) == (None, False)
+    assert [(d.action, d.interceptor, d.reason) for d in outcome.decisions] == [
+        ("dry-run", "broken", "enforce would fail the call (INTERNAL): criproxy: interceptor broken failed on pod "
+         "demo/web: RuntimeError('boom'); the call was not forwarded")]

@@ -26,6 +26,7 @@ from criproxy.policies.model import parse_policy
 from criproxy.server import Proxy, start_proxy
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread
+from tests.support.pods import wait_for
 
 HEADER = "apiVersion: criproxy.io/v1alpha1\nkind: AnnotationPolicy\n"
 Mi = 1 << 20
@@ -348,3 +349,111 @@ def test_policy_file_owned_by_another_user_is_refused(sockdir: Path, via_symlink
         load_policy(path, Lookup())
     assert str(caught.value) == (f"policy file {path}: {target} is owned by uid 12345, not by root or the proxy's "
                                  "user; chown it")
+
+
+# ---------------------------------------------------------------- interceptor-level rejections, by mode
+
+EVERYTHING = """
+rules:
+  - name: demo
+    namespaces: [demo]
+    mode: {mode}
+    settings:
+      memory-limit: {{}}
+      runtime-handler: {{}}
+      seccomp-profile: {{}}
+"""
+SECCOMP_POD = {"seccomp-profile.criproxy.io/pod": "runtime/default"}
+#: What each interceptor rejects: the call, the annotation, and the status enforce mode fails it with.
+REJECTED = {
+    "invalid-value": (CREATE_CONTAINER, None, "memory-limit.criproxy.io/pod", "lots",
+                      grpc.StatusCode.INVALID_ARGUMENT, "expected a memory limit as a quantity of bytes"),
+    "loosening": (CREATE_CONTAINER, None, "memory-limit.criproxy.io/pod", "2Gi", grpc.StatusCode.PERMISSION_DENIED,
+                  "would loosen memory_limit_in_bytes from 1073741824 (set by the kubelet) to 2147483648"),
+    "unknown-handler": (RUN_POD_SANDBOX, None, "runtime-handler.criproxy.io/pod", "gvisor",
+                        grpc.StatusCode.INVALID_ARGUMENT, "the runtime has no handler 'gvisor'"),
+    "runtime-class-override": (RUN_POD_SANDBOX, "runc", "runtime-handler.criproxy.io/pod", "kata",
+                               grpc.StatusCode.PERMISSION_DENIED, "but the pod's RuntimeClass chose 'runc'"),
+}
+
+
+def rejected_request(case: str, annotations: dict[str, str]) -> tuple[str, Any]:
+    method, handler, key, value, _, _ = REJECTED[case]
+    annotations = {key: value, **annotations}
+    if method == CREATE_CONTAINER:
+        return method, create("demo", annotations)
+    return method, run_pod("demo", annotations, handler=handler or "")
+
+
+def decision_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "criproxy.pipeline" and "(rule " in r.getMessage()]
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_enforce_fails_what_an_interceptor_rejects(run: Any, fake: FakeRuntime, case: str) -> None:
+    proxy = run(EVERYTHING.format(mode="enforce"), "runtime-handler: {known: [runc, kata]}\n")
+    method, request = rejected_request(case, {})
+    err = denied(proxy, method, request)
+    assert err.code() == REJECTED[case][4]
+    assert REJECTED[case][5] in err.details()
+    assert fake.received(method) == []
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_dry_run_forwards_what_an_interceptor_rejects_unchanged_and_records_it(
+        run: Any, fake: FakeRuntime, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    caplog.set_level(logging.INFO, logger="criproxy.pipeline")
+    proxy = run(EVERYTHING.format(mode="dry-run"), "runtime-handler: {known: [runc, kata]}\n")
+    method, request = rejected_request(case, SECCOMP_POD)
+    call(proxy, method, request)
+    assert fake.received(method)[-1].request == request.SerializeToString()
+    _, _, key, value, code, why = REJECTED[case]
+    lines = decision_lines(caplog)
+    assert any(line.startswith(f"{method} ") and f": dry-run {key.partition('.')[0]} {key}={value!r} (rule demo, "
+               "dry-run mode): " in line and why in line and code.name in line for line in lines), lines
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_audit_forwards_what_an_interceptor_rejects_minus_its_adjustment(
+        run: Any, fake: FakeRuntime, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    caplog.set_level(logging.INFO, logger="criproxy.pipeline")
+    proxy = run(EVERYTHING.format(mode="audit"), "runtime-handler: {known: [runc, kata]}\n")
+    method, request = rejected_request(case, SECCOMP_POD)
+    call(proxy, method, request)
+    got = type(request).FromString(fake.received(method)[-1].request)
+    seccomp = got.config.linux.security_context.seccomp
+    assert seccomp.profile_type == api_pb2.SecurityProfile.RuntimeDefault  # the other interceptor's change stands
+    if method == CREATE_CONTAINER:
+        assert got.config.linux.resources.memory_limit_in_bytes == 1 << 30  # the kubelet's: the violation is dropped
+    else:
+        assert got.runtime_handler == request.runtime_handler
+    _, _, key, value, code, why = REJECTED[case]
+    lines = decision_lines(caplog)
+    assert any(f": audited {key.partition('.')[0]} {key}={value!r} (rule demo, audit mode): " in line
+               and why in line and code.name in line for line in lines), lines
+
+
+def test_drift_is_still_checked_after_the_sandbox_left_a_full_index(run: Any, fake: FakeRuntime) -> None:
+    proxy = run(DEMO)
+    assert proxy.pipeline is not None
+    index = proxy.pipeline.index
+    index.max_entries = 1  # (--container-cache-size is at least 100)
+    # The index is filled once the runtime has answered: wait for it (and a lookup counts as a use).
+    for sandbox_id, name, indexed in (("sb-1", "web", lambda: index.sandbox("sb-1") is not None),
+                                      ("sb-2", "other", lambda: index.evictions["sandbox"] == 1)):
+        fake.script(RUN_POD_SANDBOX, Reply(messages=[api_pb2.RunPodSandboxResponse(
+            pod_sandbox_id=sandbox_id).SerializeToString()]))
+        request = run_pod("demo", {"memory-limit.criproxy.io/pod": "256Mi"})
+        request.config.metadata.name = name
+        call(proxy, RUN_POD_SANDBOX, request)  # the second evicts the first
+        wait_for(f"{sandbox_id} indexed", indexed)
+    assert index.sandbox("sb-1") is None
+    first = api_pb2.RunPodSandboxRequest.FromString(fake.received(RUN_POD_SANDBOX)[0].request).config
+    fake.script("RuntimeService/PodSandboxStatus", Reply(messages=[api_pb2.PodSandboxStatusResponse(
+        status=api_pb2.PodSandboxStatus(id="sb-1", metadata=first.metadata, annotations=first.annotations)
+    ).SerializeToString()]))
+    err = denied(proxy, CREATE_CONTAINER, create("demo", {"memory-limit.criproxy.io/pod": "128Mi"}, "sb-1"))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "criproxy annotations changed since the pod's sandbox was created" in err.details()
+    assert [api_pb2.PodSandboxStatusRequest.FromString(r.request).pod_sandbox_id
+            for r in fake.received("RuntimeService/PodSandboxStatus")] == ["sb-1"]

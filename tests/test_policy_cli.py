@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +89,7 @@ def test_explain_shows_adjustments_and_denials_with_their_rule(tmp_path: Path) -
     assert [(c["field"], c["from"], c["to"], c["by"]) for c in app["changes"]] == [
         ("config.linux.resources.memory_limit_in_bytes", 1 << 30, 256 << 20, "resources"),
         ("config.linux.resources.memory_swap_limit_in_bytes", 1 << 30, 256 << 20, "resources")]
-    assert {d["rule"] for d in app["decisions"]} == {"demo"}
+    assert {(d["rule"], d["interceptor"]) for d in app["decisions"]} == {("demo", "resources")}
     assert nightly["source"] == "CronJob default/nightly"
     assert [c["result"] for c in nightly["calls"]] == ["denied", "denied"]
     assert nightly["calls"][0]["status"] == "PERMISSION_DENIED"
@@ -112,3 +115,75 @@ def test_explain_rejects_what_has_no_pods(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (f"criproxy: {manifest} (document 1): kind Service has no pods; expected Pod or one of "
                            "Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, ReplicationController, CronJob\n")
+
+
+POLICY = "apiVersion: criproxy.io/v1alpha1\nkind: AnnotationPolicy\nrules: []\n"
+
+
+def test_check_refuses_what_serve_refuses_a_file_writable_by_others(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    policy.chmod(0o666)
+    done = criproxy("policy", "check", str(policy))
+    assert (done.returncode, done.stdout) == (1, f"{policy}: invalid, 1 problem(s)\n")
+    assert done.stderr == (f"{policy}: criproxy serve would refuse it: {policy} is writable by others than its owner "
+                           f"(mode 0666); run chmod go-w {policy}\n")
+
+
+@pytest.mark.parametrize(("uid", "gid", "mode", "refused"), [
+    (12345, 0, 0o644, "is owned by uid 12345, not by root or the proxy's user; chown it"),
+    (0, 12345, 0o664, "is writable by others than its owner (mode 0664); run chmod go-w"),
+    (0, 0, 0o664, None),  # group-writable, but the group is root's: accepted, as by serve
+], ids=["another-owner", "group-writable-by-another-group", "group-writable-by-roots-group"])
+def test_check_judges_owner_and_group_as_serve_does(tmp_path: Path, uid: int, gid: int, mode: int,
+                                                    refused: str | None) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    target = tmp_path / "theirs.yaml"
+    target.write_text(POLICY)
+    os.chown(target, uid, gid)
+    target.chmod(mode)
+    link = tmp_path / "policies.yaml"  # as a ConfigMap mounts it: what the link points at is judged
+    link.symlink_to(target)
+    done = criproxy("policy", "check", str(link))
+    if refused is None:
+        assert (done.returncode, done.stdout, done.stderr) == (0, f"{link}: ok\n", "")
+    else:
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"{link}: criproxy serve would refuse it: {target} {refused}"), done.stderr
+
+
+def legacy_config(tmp_path: Path, legacy: bool, interceptors: str = "") -> Path:
+    config = tmp_path / "criproxy.yaml"
+    config.write_text(f"{interceptors}seccomp: {{legacy-annotations: {'true' if legacy else 'false'}}}\n")
+    return config
+
+
+LEGACY_NOTE = (
+    "policies.yaml: note: seccomp.legacy-annotations is true in {config}: the legacy seccomp annotations "
+    "(seccomp.security.alpha.kubernetes.io/pod, container.seccomp.security.alpha.kubernetes.io/<name>) count as "
+    "seccomp-profile annotations, so a pod carrying one is a violation (denied in enforce mode) in namespaces no "
+    "rule matches (no rule here matches every namespace) and under the rules that do not list seccomp-profile: "
+    "system\n")
+
+
+def test_check_with_legacy_seccomp_on_notes_which_pods_it_puts_under_the_policy(tmp_path: Path) -> None:
+    config = legacy_config(tmp_path, True)
+    done = criproxy("policy", "check", "--config", str(config), "policies.yaml")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "policies.yaml: ok\n" + LEGACY_NOTE.format(config=config)
+
+
+@pytest.mark.parametrize(("legacy", "interceptors"), [(False, ""), (True, "interceptors: [resources]\n")],
+                         ids=["legacy-off", "seccomp-disabled"])
+def test_check_without_legacy_seccomp_has_no_note(tmp_path: Path, legacy: bool, interceptors: str) -> None:
+    done = criproxy("policy", "check", "--config", str(legacy_config(tmp_path, legacy, interceptors)), "policies.yaml")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "policies.yaml: ok\n", "")
+
+
+def test_check_with_legacy_seccomp_and_a_rule_for_every_namespace_has_no_note(tmp_path: Path) -> None:
+    policy = tmp_path / "all.yaml"
+    policy.write_text(POLICY.replace("rules: []", "rules:\n  - name: all\n    namespaces: ['*']\n    settings:\n"
+                                     "      seccomp-profile: {values: [runtime/default, docker/default]}\n"))
+    done = criproxy("policy", "check", "--config", str(legacy_config(tmp_path, True)), str(policy))
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{policy}: ok\n", "")

@@ -3,6 +3,7 @@ rule matching, allowed values, required and effective settings, the three modes,
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Mapping
 
@@ -13,6 +14,9 @@ from criproxy.adjust import Change
 from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.interceptors import Interceptor
+from criproxy.interceptors.seccomp import SeccompConfig, SeccompInterceptor
+from criproxy.pipeline import Outcome, Pipeline
 from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review
 from criproxy.policies.engine import SECCOMP_FIELD, AnnotationPolicy, effective_value, pinned_annotations
 from criproxy.policies.model import FailurePolicy, parse_policy
@@ -90,12 +94,11 @@ def create_ctx(namespace: str = "a", annotations: Mapping[str, str] | None = Non
                        pinned=pinned)
 
 
-def with_defaults(policy: AnnotationPolicy, ctx: CallContext) -> CallContext:
-    """What Pipeline.decide does before the interceptors run: add the policy's defaults the pod lacks."""
-    added = {k: v for k, v in policy.defaults(ctx).items() if k not in ctx.pod.annotations}
-    pod = type(ctx.pod)(ctx.pod.namespace, ctx.pod.name, ctx.pod.uid, ctx.pod.labels,
-                        {**ctx.pod.annotations, **added})
-    return CallContext(ctx.method, pod, ctx.container, ctx.request, ctx.runtime, frozenset(added), ctx.pinned)
+def decide(policy: AnnotationPolicy, ctx: CallContext, *interceptors: Interceptor) -> Outcome:
+    """The pipeline's own decision on the call under `policy`: its defaults merged in, the interceptors run,
+    the review."""
+    pipeline = Pipeline(interceptors, lookup=policy.lookup, policy=policy, on_decisions=lambda ctx, decisions: None)
+    return asyncio.run(pipeline.decide(ctx))
 
 
 def memory_change(raw: str = "512Mi", scope: str = "pod") -> Change:
@@ -188,7 +191,8 @@ def test_no_rule_and_no_criproxy_annotation_passes_every_change() -> None:
     change = Change("runtime_handler", "kata", "runtime-handler", by="runtime-handler")
     review = policy.review(ctx, [change])
     assert review == Review(changes=(change,), denial=None, decisions=(
-        Decision(APPLIED, "", "enforce", "runtime-handler", "", "", "from criproxy's configuration", change),))
+        Decision(APPLIED, "", "enforce", "runtime-handler", "", "", "from criproxy's configuration", change,
+                 "runtime-handler"),))
     assert review.modify
 
 
@@ -199,7 +203,8 @@ def test_no_rule_and_a_criproxy_annotation_is_denied() -> None:
         f"criproxy: pod ns/web denied by policy ({policy.identity}): memory-limit.criproxy.io/pod='512Mi': no rule "
         "allows criproxy annotations in namespace 'ns'")
     assert review.decisions == (Decision(DENIED, "", "enforce", "memory-limit", key("memory-limit"), "512Mi",
-                                         "no rule allows criproxy annotations in namespace 'ns'"),)
+                                         "no rule allows criproxy annotations in namespace 'ns'",
+                                         interceptor="resources"),)
 
 
 def test_no_rule_in_an_excluded_namespace() -> None:
@@ -227,7 +232,7 @@ def test_allowed_annotations_pass_with_applied_decisions() -> None:
     review = policy.review(create_ctx("a", {key("memory-limit"): "512Mi", "other/key": "x"}), [change])
     assert review == Review(changes=(change,), decisions=(
         Decision(APPLIED, "plain", "enforce", "memory-limit", key("memory-limit"), "512Mi",
-                 "from the pod's annotation", change),))
+                 "from the pod's annotation", change, "resources"),))
 
 
 def test_a_setting_the_rule_does_not_list_is_denied() -> None:
@@ -253,7 +258,7 @@ def test_a_refused_value_is_denied() -> None:
         "memory-limit.criproxy.io/container.app='2Gi': '2Gi' is not allowed; allowed: at most 1Gi")
     assert review.decisions == (Decision(DENIED, "plain", "enforce", "memory-limit",
                                          key("memory-limit", "container.app"), "2Gi",
-                                         "'2Gi' is not allowed; allowed: at most 1Gi"),)
+                                         "'2Gi' is not allowed; allowed: at most 1Gi", interceptor="resources"),)
 
 
 def test_every_violation_is_in_the_denial() -> None:
@@ -297,9 +302,9 @@ def test_a_required_setting_missing_is_denied() -> None:
     assert denial_text(review) == (
         f"criproxy: pod a/web denied by policy rule 'r' ({policy.identity}): rule 'r' requires the annotation "
         "seccomp-profile.criproxy.io/pod (or a container-scope one)")  # a family is never required
-    assert review.decisions == (Decision(DENIED, "r", "enforce", "seccomp-profile", "", "",
+    assert review.decisions == (Decision(DENIED, "r", "enforce", "seccomp-profile", key("seccomp-profile"), "",
                                          "rule 'r' requires the annotation seccomp-profile.criproxy.io/pod (or a "
-                                         "container-scope one)"),)
+                                         "container-scope one)", interceptor="seccomp"),)
 
 
 @pytest.mark.parametrize(
@@ -324,14 +329,14 @@ def test_a_required_setting_of_another_container_does_not_count() -> None:
 def test_a_default_satisfies_required() -> None:
     policy = make_policy("rules:\n  - name: r\n    namespaces: [a]\n    settings:\n"
                          "      seccomp-profile: {required: true, default: runtime/default}\n")
-    ctx = with_defaults(policy, run_ctx("a"))
-    assert ctx.injected == {key("seccomp-profile")}
+    outcome = decide(policy, run_ctx("a"), SeccompInterceptor(SeccompConfig(), Lookup()))
+    assert outcome.ctx.injected == {key("seccomp-profile")}
+    assert outcome.ctx.pod.annotations == {key("seccomp-profile"): "runtime/default"}
     change = Change(SECCOMP_FIELD, {"profile_type": "RuntimeDefault"}, "seccomp-profile", key("seccomp-profile"),
                     "runtime/default", by="seccomp")
-    review = policy.review(ctx, [change])
-    assert review.denial is None
-    assert review.decisions == (Decision(APPLIED, "r", "enforce", "seccomp-profile", key("seccomp-profile"),
-                                         "runtime/default", "default of the rule", change),)
+    assert (outcome.denial, outcome.changes) == (None, (change,))
+    assert outcome.decisions == (Decision(APPLIED, "r", "enforce", "seccomp-profile", key("seccomp-profile"),
+                                          "runtime/default", "default of the rule", change, "seccomp"),)
 
 
 # ------------------------------------------------------------------------------------------ effective values
@@ -371,7 +376,7 @@ def test_a_kubelet_set_runtime_handler_is_checked_without_any_annotation() -> No
         "would get is not allowed: 'runc' is forbidden (runc)")
     assert review.decisions == (Decision(DENIED, "handlers", "enforce", "runtime-handler", "", "runc",
                                          "the runtime-handler the runtime would get is not allowed: 'runc' is "
-                                         "forbidden (runc)"),)
+                                         "forbidden (runc)", interceptor="runtime-handler"),)
     assert policy.review(run_ctx("h", handler="kata"), []).denial is None
     assert policy.review(run_ctx("h"), []).denial is None  # the runtime's default handler: '' is not forbidden
 
@@ -496,9 +501,9 @@ def test_audit_mode_keeps_the_changes_and_records_the_violations() -> None:
     review = policy.review(run_ctx("a", {key("memory-limit"): "2Gi"}), [change])
     assert review == Review(changes=(change,), denial=None, modify=True, decisions=(
         Decision(AUDITED, "plain", "audit", "memory-limit", key("memory-limit"), "2Gi",
-                 "'2Gi' is not allowed; allowed: at most 1Gi"),
+                 "'2Gi' is not allowed; allowed: at most 1Gi", interceptor="resources"),
         Decision(APPLIED, "plain", "audit", "memory-limit", key("memory-limit"), "2Gi", "from the pod's annotation",
-                 change)))
+                 change, "resources")))
 
 
 def test_dry_run_changes_nothing_and_records_what_would_have_been_done() -> None:
@@ -508,11 +513,11 @@ def test_dry_run_changes_nothing_and_records_what_would_have_been_done() -> None
     review = policy.review(run_ctx("a", {key("memory-limit"): "2Gi"}), [memory, configured])
     assert review == Review(changes=(), denial=None, modify=False, decisions=(
         Decision(DRY_RUN, "plain", "dry-run", "memory-limit", key("memory-limit"), "2Gi",
-                 "'2Gi' is not allowed; allowed: at most 1Gi"),
+                 "'2Gi' is not allowed; allowed: at most 1Gi", interceptor="resources"),
         Decision(DRY_RUN, "plain", "dry-run", "memory-limit", key("memory-limit"), "2Gi", "from the pod's annotation",
-                 memory),
+                 memory, "resources"),
         Decision(DRY_RUN, "plain", "dry-run", "runtime-handler", "", "", "from criproxy's configuration",
-                 configured)))
+                 configured, "runtime-handler")))
 
 
 def test_dry_run_without_violations_still_changes_nothing() -> None:
@@ -594,30 +599,36 @@ def test_no_pinned_annotations_means_no_drift_check() -> None:
     [
         ({key("memory-limit"): "1Gi"}, {key("memory-limit"): "2Gi"}, "memory-limit.criproxy.io/pod: '1Gi' -> '2Gi'"),
         ({key("memory-limit"): "1Gi"}, {key("memory-limit"): "1Gi", key("cpu-quota"): "1"},
-         "cpu-quota.criproxy.io/pod: None -> '1'"),
+         "cpu-quota.criproxy.io/pod: (absent) -> '1'"),
         ({key("memory-limit"): "1Gi", key("cpu-quota"): "1"}, {key("memory-limit"): "1Gi"},
-         "cpu-quota.criproxy.io/pod: '1' -> None"),
-        ({}, {key("cpu-quota", "container.app"): "1"}, "cpu-quota.criproxy.io/container.app: None -> '1'"),
+         "cpu-quota.criproxy.io/pod: '1' -> (absent)"),
+        ({}, {key("cpu-quota", "container.app"): "1"}, "cpu-quota.criproxy.io/container.app: (absent) -> '1'"),
         ({key("memory-limit"): "1Gi", key("cpu-quota"): "1"}, {key("memory-limit"): "2Gi", key("cpu-quota", ""): "1"},
-         "cpu-quota.criproxy.io: None -> '1', cpu-quota.criproxy.io/pod: '1' -> None, memory-limit.criproxy.io/pod: "
-         "'1Gi' -> '2Gi'"),
+         "cpu-quota.criproxy.io: (absent) -> '1', cpu-quota.criproxy.io/pod: '1' -> (absent), "
+         "memory-limit.criproxy.io/pod: '1Gi' -> '2Gi'"),
+        ({key("memory-limit"): "None"}, {}, "memory-limit.criproxy.io/pod: 'None' -> (absent)"),
     ],
-    ids=["changed", "added", "removed", "from-none", "several-sorted"],
+    ids=["changed", "added", "removed", "from-none", "several-sorted", "the-value-None-is-not-absent"],
 )
 def test_drift_is_denied_in_enforce_mode(pinned: dict[str, str], now: dict[str, str], detail: str) -> None:
     policy = make_policy(DRIFT_RULES)
     review = policy.review(create_ctx("a", now, pinned=pinned), [memory_change()])
     assert denial_text(review) == (
         f"criproxy: container 'app' of pod a/web denied by policy rule 'r' ({policy.identity}): {drift_reason(detail)}")
-    assert review.decisions == (Decision(DENIED, "r", "enforce", "", "", "", drift_reason(detail)),)
+    # One decision per changed annotation, each naming it (its value now; '' when removed) and the whole drift.
+    changed = sorted(set(now) ^ set(pinned) | {k for k in now if k in pinned and now[k] != pinned[k]})
+    assert review.decisions == tuple(
+        Decision(DENIED, "r", "enforce", k.partition(".")[0], k, now.get(k, ""), drift_reason(detail),
+                 interceptor="resources") for k in changed)
 
 
 def test_keys_added_by_defaults_are_not_drift() -> None:
     policy = make_policy("rules:\n  - name: r\n    namespaces: [a]\n    settings:\n"
                          "      memory-limit: {max: 4Gi, default: 1Gi}\n")
-    ctx = with_defaults(policy, create_ctx("a", {}, pinned={}))
-    assert ctx.pod.annotations == {key("memory-limit"): "1Gi"}
-    assert policy.review(ctx, []).denial is None
+    outcome = decide(policy, create_ctx("a", {}, pinned={}))
+    assert outcome.ctx.pod.annotations == {key("memory-limit"): "1Gi"}
+    assert outcome.ctx.injected == {key("memory-limit")}
+    assert (outcome.denial, outcome.decisions) == (None, ())
 
 
 def test_drift_audit_lets_the_call_pass_with_an_audited_decision() -> None:
@@ -628,9 +639,9 @@ def test_drift_audit_lets_the_call_pass_with_an_audited_decision() -> None:
     detail = drift_reason("memory-limit.criproxy.io/pod: '1Gi' -> '2Gi'")
     # The drift is audited; the call itself is judged in the rule's own mode (enforce), and passes.
     assert review == Review(changes=(change,), denial=None, decisions=(
-        Decision(AUDITED, "r", "enforce", "", "", "", detail),
+        Decision(AUDITED, "r", "enforce", "memory-limit", key("memory-limit"), "2Gi", detail, interceptor="resources"),
         Decision(APPLIED, "r", "enforce", "memory-limit", key("memory-limit"), "2Gi", "from the pod's annotation",
-                 change)))
+                 change, "resources")))
 
 
 def test_drift_deny_in_audit_mode_is_audited() -> None:

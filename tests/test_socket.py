@@ -54,7 +54,8 @@ def test_a_stale_socket_is_replaced(loop: LoopThread, fake: FakeRuntime, proxy_c
     proxy = loop.run(start_proxy(proxy_config))
     try:
         with grpc.insecure_channel(proxy_config.listen.target) as chan:
-            assert chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) is not None
+            assert chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) == (
+                b'\n\x050.1.0\x12\x0cfake-runtime\x1a\x051.2.3"\x02v1')  # the fake's VERSION_REPLY
     finally:
         loop.run(proxy.stop(0))
 
@@ -68,7 +69,8 @@ def test_a_live_socket_is_refused_and_left_alone(loop: LoopThread, fake: FakeRun
             loop.run(start_proxy(proxy_config))
         assert os.lstat(proxy_config.listen.path).st_ino == inode
         with grpc.insecure_channel(proxy_config.listen.target) as chan:
-            assert chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) is not None
+            assert chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) == (
+                b'\n\x050.1.0\x12\x0cfake-runtime\x1a\x051.2.3"\x02v1')  # the fake's VERSION_REPLY
     finally:
         loop.run(first.stop(0))
 

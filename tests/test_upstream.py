@@ -114,7 +114,7 @@ def test_proxy_recovers_within_a_second_of_the_runtime_returning(loop: LoopThrea
     try:
         with grpc.insecure_channel(proxy_config.listen.target) as chan:
             version = chan.unary_unary("/runtime.v1.RuntimeService/Version")
-            assert version(b"", timeout=5) is not None
+            assert api_pb2.VersionResponse.FromString(version(b"", timeout=5)).runtime_name == "fake-runtime"
             loop.run(first.stop())
             deadline = time.monotonic() + 5
             while True:  # the proxy notices the runtime went away

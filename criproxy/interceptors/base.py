@@ -13,9 +13,12 @@ class InvalidAnnotation(ValueError):
     """An annotation value an interceptor cannot use. The pipeline turns it into INVALID_ARGUMENT,
     naming the pod, the key, the raw value and what is accepted."""
 
-    def __init__(self, key: str, raw: str, accepted: str) -> None:
+    def __init__(self, key: str, raw: str, accepted: str, *, setting: str = "") -> None:
         super().__init__(f"annotation {key}={quote(raw)}: {accepted}")
         self.key, self.raw, self.accepted = key, raw, accepted
+        #: The setting the key stands for, when the key alone does not tell (keys outside criproxy's domain,
+        #: e.g. the legacy seccomp annotations); '' means: read it from the key.
+        self.setting = setting
 
 
 class Interceptor(Protocol):

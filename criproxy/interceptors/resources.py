@@ -20,7 +20,11 @@ Where the kubelet allowed no swap (memory_swap_limit_in_bytes equal to the memor
 memory-limit annotation moves the swap limit with it, so lowering memory does not grant swap.
 
 By default an annotation may only tighten what the kubelet computed: lower a limit, narrow a
-cpuset, raise oom_score_adj. `allow-loosening` lists the settings that may also loosen.
+cpuset, raise oom_score_adj. `allow-loosening` lists the settings that may also loosen. On
+CreateContainer a loosening annotation is a denial; on UpdateContainerResources the tighter of
+the kubelet's new value and the annotation's wins (the kubelet may shrink a container below its
+annotation), and a setting where the kubelet's value stood is a change to that same value whose
+note says so (for the decision and the provenance stamp).
 """
 
 from __future__ import annotations
@@ -209,6 +213,14 @@ class ResourcesInterceptor:
         proposals = self._fixed(find, current) + self._variable(annotations, find)
         if not proposals:
             return NOTHING
+        if ctx.method == UPDATE_CONTAINER_RESOURCES:
+            # The kubelet resizes (in place, the CPU manager): the tighter of its value and the
+            # annotation's wins, so a container can still be shrunk below what its annotation says.
+            looser = self._looser(proposals, current)
+            return Adjustment(changes=tuple(
+                _kept(base, p, current(p.field)) if p in looser else
+                Change(base + p.field, p.value, p.setting, p.found.key, p.found.value)
+                for p in proposals if p in looser or current(p.field) != p.value))
         denial = self._loosening(ctx, proposals, current)
         if denial is not None:
             return denial.as_adjustment()
@@ -297,20 +309,23 @@ class ResourcesInterceptor:
                                     "lower case, e.g. hugepages-2mi")
         return sorted(names)
 
+    def _looser(self, proposals: list[_Proposal], current: Callable[[str], Any]) -> list[_Proposal]:
+        """The proposals that would loosen what the kubelet set (and allow-loosening does not let loosen)."""
+        return [p for p in proposals if not self.config.may_loosen(p.setting)
+                and not self._tighter(p, current(p.field), proposals, current)]
+
     def _loosening(self, ctx: CallContext, proposals: list[_Proposal],
                    current: Callable[[str], Any]) -> Denial | None:
-        for p in proposals:
-            if self.config.may_loosen(p.setting):
-                continue
-            old = current(p.field)
-            if not self._tighter(p, old, proposals, current):
-                return Denial(
-                    f"criproxy: {ctx.who}: annotation {p.found.key}={quote(p.found.value)} would loosen "
-                    f"{p.field} from {quote(old)} (set by the kubelet) to {quote(p.value)}; annotations may only "
-                    "tighten "
-                    f"resources unless the resources interceptor's allow-loosening lists {p.setting}",
-                    grpc.StatusCode.PERMISSION_DENIED)
-        return None
+        """On creation, annotations only tighten: the first loosening proposal denies the call."""
+        looser = self._looser(proposals, current)
+        if not looser:
+            return None
+        p, old = looser[0], current(looser[0].field)
+        return Denial(
+            f"criproxy: {ctx.who}: annotation {p.found.key}={quote(p.found.value)} would loosen "
+            f"{p.field} from {quote(old)} (set by the kubelet) to {quote(p.value)}; annotations may only tighten "
+            f"resources unless the resources interceptor's allow-loosening lists {p.setting}",
+            grpc.StatusCode.PERMISSION_DENIED, setting=p.setting, key=p.found.key, value=p.found.value)
 
     def _tighter(self, p: _Proposal, old: Any, proposals: list[_Proposal], current: Callable[[str], Any]) -> bool:
         if p.setting in ("cpu-quota", "cpu-period"):
@@ -319,6 +334,13 @@ class ResourcesInterceptor:
         if rule is None:
             rule = _hugepage_tighter if p.field.startswith("hugepage_limits[") else _unified_tighter(p.field)
         return rule(old, p.value)
+
+
+def _kept(base: str, p: _Proposal, old: Any) -> Change:
+    """An update where the kubelet's own value is tighter than the annotation's: it stands, and says so."""
+    return Change(base + p.field, old, p.setting, p.found.key, p.found.value, note=(
+        f"the kubelet's {p.field} {quote(old)} is tighter than the annotation's {quote(p.value)} and stands (on an "
+        "update the tighter of the two wins)"))
 
 
 def _subset(old: str, new: str) -> bool:

@@ -86,7 +86,8 @@ class RuntimeHandlerInterceptor:
             return Denial(
                 f"criproxy: {ctx.who}: annotation {key}={raw!r} asks for runtime handler {value!r}, but the pod's "
                 f"RuntimeClass chose {requested!r}; an annotation does not override a RuntimeClass unless "
-                f"{SETTING}.override-runtime-class is true", grpc.StatusCode.PERMISSION_DENIED).as_adjustment()
+                f"{SETTING}.override-runtime-class is true", grpc.StatusCode.PERMISSION_DENIED,
+                setting=SETTING, key=key, value=raw).as_adjustment()
         known, source = self._known(ctx)
         if known is None:
             return Adjustment(changes=(Change("runtime_handler", value, SETTING, key, raw),), warnings=(
@@ -98,7 +99,7 @@ class RuntimeHandlerInterceptor:
             if key:
                 raise InvalidAnnotation(key, raw, accepted)
             denial = Denial(f"criproxy: {ctx.who}: the configured default runtime handler {value!r} cannot be "
-                            f"used: {accepted}", grpc.StatusCode.FAILED_PRECONDITION)
+                            f"used: {accepted}", grpc.StatusCode.FAILED_PRECONDITION, setting=SETTING, value=value)
             return denial.as_adjustment()
         return Adjustment(changes=(Change("runtime_handler", value, SETTING, key, raw),))
 

@@ -99,7 +99,11 @@ class SeccompInterceptor:
         found = self.find(ctx.pod.annotations, ctx.container)
         if found is None:
             return NOTHING
-        profile = parse_profile(found, self.config.profile_root)
+        try:
+            profile = parse_profile(found, self.config.profile_root)
+        except InvalidAnnotation as err:
+            err.setting = SETTING  # a legacy key does not name the setting itself
+            raise
         current = read_field(ctx.request, FIELD)
         if current is not None and current == {"localhost_ref": "", **profile}:
             return NOTHING  # the kubelet already asked for exactly this profile

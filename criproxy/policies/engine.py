@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 
 from criproxy.adjust import Change, Denial, read_field
-from criproxy.annotations import Lookup, quote, setting_of
+from criproxy.annotations import Lookup, interceptor_of, quote, setting_of
 from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
-from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review
+from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review, change_reason
 from criproxy.policies.model import FailurePolicy, PolicySet, Rule
 
 _SECCOMP = {"RuntimeDefault": "runtime/default", "Unconfined": "unconfined"}
@@ -38,6 +38,12 @@ class Violation:
     key: str
     value: str
     reason: str
+    #: Its part of the denial message when not `key=value: reason` ('' for none: drift is said once).
+    shown: str | None = None
+
+    def decision(self, action: str, rule: str, mode: str) -> Decision:
+        return Decision(action, rule, mode, self.setting, self.key, self.value, self.reason,
+                        interceptor=interceptor_of(self.setting))
 
 
 class AnnotationPolicy:
@@ -50,6 +56,10 @@ class AnnotationPolicy:
 
     def failure(self, interceptor: str) -> FailurePolicy:
         return self.policies.failure_policy(interceptor)
+
+    def rule_of(self, ctx: CallContext) -> tuple[str, str]:
+        rule = self.policies.rule_for(ctx.pod)
+        return (rule.name if rule is not None else ""), self.policies.mode_of(rule)
 
     def defaults(self, ctx: CallContext) -> Mapping[str, str]:
         rule = self.policies.rule_for(ctx.pod)
@@ -67,39 +77,32 @@ class AnnotationPolicy:
         name = rule.name if rule is not None else ""
         violations = self._violations(ctx, rule, changes)
         drift = self._drift(ctx)
-        if drift is None or self.policies.drift == "ignore":
+        if not drift or self.policies.drift == "ignore":
             return self._verdict(ctx, name, mode, changes, violations)
         if self.policies.drift == "deny":
-            return self._verdict(ctx, name, mode, changes, [*violations, drift])
+            return self._verdict(ctx, name, mode, changes, [*violations, *drift])
         review = self._verdict(ctx, name, mode, changes, violations)  # drift: audit, whatever the mode
-        noted = Decision(AUDITED, name, mode, drift.setting, drift.key, drift.value, drift.reason)
-        return replace(review, decisions=(noted, *review.decisions))
+        noted = tuple(v.decision(AUDITED, name, mode) for v in drift)
+        return replace(review, decisions=(*noted, *review.decisions))
 
     def _verdict(self, ctx: CallContext, rule: str, mode: str, changes: Sequence[Change],
                  violations: list[Violation]) -> Review:
-        def decision(action: str, v: Violation) -> Decision:
-            return Decision(action, rule, mode, v.setting, v.key, v.value, v.reason)
-
         if violations and mode == "enforce":
             return Review(changes=(), denial=Denial(self._message(ctx, rule, violations),
                                                     grpc.StatusCode.PERMISSION_DENIED),
-                          decisions=tuple(decision(DENIED, v) for v in violations))
-        flagged = tuple(decision(AUDITED if mode == "audit" else DRY_RUN, v) for v in violations)
+                          decisions=tuple(v.decision(DENIED, rule, mode) for v in violations))
+        flagged = tuple(v.decision(AUDITED if mode == "audit" else DRY_RUN, rule, mode) for v in violations)
+        action = DRY_RUN if mode == "dry-run" else APPLIED
+        decisions = (*flagged, *(Decision(action, rule, mode, c.setting, c.key, c.raw, change_reason(ctx, c), c, c.by)
+                                 for c in changes))
         if mode == "dry-run":
-            return Review(changes=(), modify=False, decisions=(*flagged, *(
-                Decision(DRY_RUN, rule, mode, c.setting, c.key, c.raw, self._why(ctx, c), c) for c in changes)))
-        return Review(changes=tuple(changes), decisions=(*flagged, *(
-            Decision(APPLIED, rule, mode, c.setting, c.key, c.raw, self._why(ctx, c), c) for c in changes)))
-
-    @staticmethod
-    def _why(ctx: CallContext, change: Change) -> str:
-        if change.key in ctx.injected:
-            return "default of the rule"
-        return "from the pod's annotation" if change.key else "from criproxy's configuration"
+            return Review(changes=(), modify=False, decisions=decisions)
+        return Review(changes=tuple(changes), decisions=decisions)
 
     def _message(self, ctx: CallContext, rule: str, violations: list[Violation]) -> str:
         where = f"policy rule {rule!r}" if rule else "policy"
-        details = "; ".join(f"{v.key}={quote(v.value)}: {v.reason}" if v.key else v.reason for v in violations)
+        details = "; ".join(v.shown if v.shown is not None else f"{v.key}={quote(v.value)}: {v.reason}" if v.key
+                            else v.reason for v in violations if v.shown != "")
         return f"criproxy: {ctx.who} denied by {where} ({self.identity}): {details}"
 
     def _present(self, ctx: CallContext) -> list[tuple[str, str, str]]:
@@ -149,10 +152,13 @@ class AnnotationPolicy:
         return out
 
     def _required(self, ctx: CallContext, rule: Rule) -> list[Violation]:
-        return [Violation(name, "", "", f"rule {rule.name!r} requires the annotation "
-                          f"{self.lookup.prefix(name)}/pod (or a container-scope one)")
-                for name, setting in rule.settings.items()
-                if setting.required and not name.endswith("*") and not self._has(ctx, name)]
+        out = []
+        for name, setting in rule.settings.items():
+            if setting.required and not name.endswith("*") and not self._has(ctx, name):
+                key = f"{self.lookup.prefix(name)}/pod"
+                why = f"rule {rule.name!r} requires the annotation {key} (or a container-scope one)"
+                out.append(Violation(name, key, "", why, shown=why))  # the key it lacks; the value is absent
+        return out
 
     def _has(self, ctx: CallContext, setting: str) -> bool:
         """Whether the call's pod sets `setting`: for the container at hand, or (for the sandbox) for any."""
@@ -173,17 +179,30 @@ class AnnotationPolicy:
                 out.append(Violation(name, "", value, f"the {name} the runtime would get is not allowed: {why}"))
         return out
 
-    def _drift(self, ctx: CallContext) -> Violation | None:
+    def _drift(self, ctx: CallContext) -> list[Violation]:
+        """One violation per criproxy annotation changed since the sandbox was created (value: its value
+        now, '' when removed); the denial message says them all once."""
         if ctx.pinned is None:  # a sandbox created without criproxy annotations (or before criproxy)
-            return None
+            return []
         now = {k: v for k, v in ctx.pod.annotations.items()
                if k not in ctx.injected and setting_of(k, self.lookup.domain) is not None}
         if now == dict(ctx.pinned):
-            return None
+            return []
         changed = sorted(set(now) ^ set(ctx.pinned) | {k for k in now if k in ctx.pinned and now[k] != ctx.pinned[k]})
-        detail = ", ".join(f"{k}: {ctx.pinned.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        return Violation("", "", "", f"criproxy annotations changed since the pod's sandbox was created ({detail}); "
-                         "recreate the pod for them to apply")
+        detail = ", ".join(f"{k}: {_shown(ctx.pinned.get(k))} -> {_shown(now.get(k))}" for k in changed)
+        reason = (f"criproxy annotations changed since the pod's sandbox was created ({detail}); recreate the pod "
+                  "for them to apply")
+        out = []
+        for i, key in enumerate(changed):
+            parsed = setting_of(key, self.lookup.domain)
+            out.append(Violation(parsed[0] if parsed else "", key, now.get(key, ""), reason,
+                                 shown=reason if i == 0 else ""))
+        return out
+
+
+def _shown(value: str | None) -> str:
+    """An annotation's value in a drift message: quoted, or (absent)."""
+    return "(absent)" if value is None else quote(value)
 
 
 def effective_value(ctx: CallContext, setting: str, changed: Mapping[str, Any]) -> str | None:

@@ -194,6 +194,17 @@ class PolicySet:
     def mode_of(self, rule: Rule | None) -> str:
         return rule.mode if rule is not None and rule.mode is not None else self.mode
 
+    def denied_wherever(self, setting: str) -> list[str]:
+        """Where an annotation of `setting` is a violation whatever its value, for messages: namespaces
+        no rule matches (unless a rule matches every namespace), and the rules that do not list it."""
+        where = []
+        if not any("*" in r.namespaces and not r.exclude_namespaces and not r.match_labels for r in self.rules):
+            where.append("in namespaces no rule matches (no rule here matches every namespace)")
+        silent = [r.name for r in self.rules if r.setting(setting) is None]
+        if silent:
+            where.append(f"under the rules that do not list {setting}: {', '.join(silent)}")
+        return where
+
 
 # ------------------------------------------------------------------------------------------ parsing
 
