@@ -1,17 +1,22 @@
 """Forwarding benchmark: criproxy side by side with a direct connection to the same runtime, in one run.
 
     python bench/forwarding.py [--quick] [--json OUT] [--grpc-experiments VALUE ...] [--scenario NAME ...]
+    python bench/forwarding.py --containerd [--quick]    # in front of a private, real containerd (root)
 
-Three kinds of process, all on loopback unix sockets in a temporary directory:
+Four kinds of process, all on loopback unix sockets in a temporary directory:
 
-1. a fast fake runtime (bench/fake_runtime.py: pre-serialized answers),
+1. a fast fake runtime (bench/fake_runtime.py: pre-serialized answers), or with --containerd a
+   private containerd (tests/support/containerd.py) with a few pods,
 2. the proxy, started as `python -m criproxy serve` in front of it (one per variant and setup),
-3. this process, the client: synchronous gRPC with raw bytes, as the kubelet would call.
+3. reference relays in front of the same runtime: a naive grpc.aio proxy (bench/naive_proxy.py)
+   and a byte-copy relay (bench/splice_relay.c, compiled with gcc at bench time),
+4. this process, the client: synchronous gRPC with raw bytes, as the kubelet would call.
 
-Each scenario measures the same call direct and through every proxy variant in interleaved
-blocks (so drift, CPU frequency and noisy neighbours hit both sides alike), after a warm-up,
-and reports p50/p99, ratios, the proxy process's CPU per call (utime+stime from /proc/PID/stat)
-and its RSS. Targets print PASS or MISS; nothing here fails a test suite. See bench/README.md.
+Each scenario measures the same call direct, through every proxy variant and through every
+reference in interleaved blocks (so drift, CPU frequency and noisy neighbours hit all alike),
+after a warm-up, and reports p50/p99, ratios, each relay process's CPU per call (utime+stime
+from /proc/PID/stat) and its RSS. Targets print PASS or MISS; nothing here fails a test suite.
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -36,7 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: GRPC_EXPERIMENTS as this benchmark was started with: what a proxy variant "inherit" gets.
@@ -100,21 +106,16 @@ _LAUNCHER = (
 )
 
 
-class Child:
-    """A subprocess of the benchmark: its log file, CPU and memory counters, and a bounded stop."""
+class Process:
+    """A process the benchmark measures by pid: CPU and memory counters from /proc, its log's tail."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path,
-                 cwd: str = ROOT) -> None:
+    def __init__(self, name: str, pid: int, log_path: Path) -> None:
         self.name = name
+        self.pid = pid
         self.log_path = log_path
-        self._log = log_path.open("wb")
-        launcher = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
-        self.proc = subprocess.Popen(launcher, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=cwd)
-        self.pid = self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return os.path.exists(f"/proc/{self.pid}")
 
     def cpu_seconds(self) -> float:
         """utime+stime of every thread of the process, from /proc/PID/stat."""
@@ -122,6 +123,9 @@ class Child:
 
     def stat(self) -> tuple[float, int]:
         return proc_stat(self.pid)
+
+    def sample(self) -> CpuSample:
+        return cpu_sample(self.pid)
 
     def status_kib(self, key: str) -> int:
         return proc_status_kib(self.pid, key)
@@ -136,6 +140,24 @@ class Child:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+    def stop(self) -> None:
+        """Nothing: whoever started it stops it."""
+
+
+class Child(Process):
+    """A subprocess of the benchmark: its log file, CPU and memory counters, and a bounded stop."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path,
+                 cwd: str = ROOT) -> None:
+        self._log = log_path.open("wb")
+        launcher = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
+        self.proc = subprocess.Popen(launcher, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=cwd)
+        super().__init__(name, self.proc.pid, log_path)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s; never raises."""
@@ -162,6 +184,40 @@ def proc_cpu_seconds(pid: int | str) -> float:
     return proc_stat(pid)[0]
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """A process's CPU time at one moment: utime+stime (clock ticks, the whole process, exited threads
+    included), minor page faults, and every live thread's run time in ns (/proc/PID/task/TID/schedstat)."""
+
+    ticks_s: float
+    faults: int
+    threads_ns: dict[str, int]
+
+    def seconds_until(self, later: CpuSample) -> float:
+        """CPU seconds spent between this sample and a later one: ns-exact from schedstat when every thread
+        of this sample is still there (an exited thread's run time would be lost), else utime+stime, whose
+        10 ms resolution needs many calls."""
+        if self.threads_ns and later.threads_ns and self.threads_ns.keys() <= later.threads_ns.keys():
+            return (sum(later.threads_ns.values()) - sum(self.threads_ns.values())) / 1e9
+        return later.ticks_s - self.ticks_s
+
+
+def cpu_sample(pid: int | str) -> CpuSample:
+    ticks, faults = proc_stat(pid)
+    threads: dict[str, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                threads[tid] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread just exited, or no schedstat: ticks only
+            return CpuSample(ticks, faults, {})
+    return CpuSample(ticks, faults, threads)
+
+
 def proc_status_kib(pid: int | str, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -170,7 +226,7 @@ def proc_status_kib(pid: int | str, key: str) -> int:
     return -1
 
 
-def wait_answering(target: str, child: Child, timeout: float = START_TIMEOUT_S) -> None:
+def wait_answering(target: str, child: Process, timeout: float = START_TIMEOUT_S) -> None:
     """Until the socket exists and a Version call on it answers (bounded); raise with the child's log."""
     path = target[len("unix://"):]
     deadline = time.monotonic() + timeout
@@ -190,6 +246,60 @@ def wait_answering(target: str, child: Child, timeout: float = START_TIMEOUT_S) 
                 time.sleep(0.05)
 
 
+def compile_relay(workdir: Path) -> tuple[str | None, str]:
+    """bench/splice_relay.c built with `gcc -O2` into workdir: (binary, "") or (None, why not)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return None, "gcc is not installed (needed to build bench/splice_relay.c)"
+    binary = workdir / "splice_relay"
+    try:
+        built = subprocess.run([gcc, "-O2", "-o", str(binary), os.path.join(ROOT, "bench", "splice_relay.c")],
+                               capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"gcc failed: {err}"
+    if built.returncode != 0:
+        return None, f"gcc failed ({built.returncode}): {built.stderr.strip()[-500:]}"
+    return str(binary), ""
+
+
+def populate_containerd(channel: grpc.Channel, image: str, logs: Path, pods: int, deadline: float) -> tuple[int, int]:
+    """Host-network pods (a running pause sandbox each) with two created containers each, labelled as the
+    kubelet labels them, so ListContainers has something to list; stops early at the deadline."""
+    run_pod = channel.unary_unary("/runtime.v1.RuntimeService/RunPodSandbox", None, None)
+    create = channel.unary_unary(CREATE_CONTAINER_PATH, None, None)
+    host = api_pb2.NamespaceOption(network=api_pb2.NODE)
+    made_pods = made_containers = 0
+    for i in range(pods):
+        if time.monotonic() > deadline:
+            progress(f"containerd: populating stopped at the deadline after {made_pods} pods")
+            break
+        name, uid = f"bench-{i}", f"00000000-0000-4000-8000-{i:012d}"
+        labels = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": "bench",
+                  "io.kubernetes.pod.uid": uid}
+        sandbox = api_pb2.PodSandboxConfig(
+            metadata=api_pb2.PodSandboxMetadata(name=name, uid=uid, namespace="bench"), labels=labels,
+            annotations={"kubernetes.io/config.source": "api", "kubernetes.io/config.seen": "2025-01-01T00:00:00Z"},
+            log_directory=str(logs / name),
+            linux=api_pb2.LinuxPodSandboxConfig(
+                security_context=api_pb2.LinuxSandboxSecurityContext(namespace_options=host)))
+        reply = run_pod(api_pb2.RunPodSandboxRequest(config=sandbox).SerializeToString(), timeout=60.0)
+        pod_id = api_pb2.RunPodSandboxResponse.FromString(reply).pod_sandbox_id
+        made_pods += 1
+        for container in ("app", "sidecar"):
+            config = api_pb2.ContainerConfig(
+                metadata=api_pb2.ContainerMetadata(name=container), image=api_pb2.ImageSpec(image=image),
+                command=["/bin/sleep", "3600"], log_path=f"{container}.log",
+                labels={**labels, "io.kubernetes.container.name": container},
+                annotations={"io.kubernetes.container.hash": f"{i:08x}", "io.kubernetes.container.restartCount": "0",
+                             "io.kubernetes.container.terminationMessagePath": "/dev/termination-log"},
+                linux=api_pb2.LinuxContainerConfig(
+                    security_context=api_pb2.LinuxContainerSecurityContext(namespace_options=host)))
+            request = api_pb2.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=sandbox)
+            create(request.SerializeToString(), timeout=60.0)
+            made_containers += 1
+    return made_pods, made_containers
+
+
 # ---------------------------------------------------------------------------------------------
 # What is measured
 
@@ -200,6 +310,42 @@ LIST_CONTAINERS_PATH = "/runtime.v1.RuntimeService/ListContainers"
 LIST_CONTAINERS_REQUEST = api_pb2.ListContainersRequest(filter=api_pb2.ContainerFilter()).SerializeToString()
 EVENTS_PATH = "/runtime.v1.RuntimeService/GetContainerEvents"
 EVENTS_REQUEST = api_pb2.GetEventsRequest().SerializeToString()
+CREATE_CONTAINER_PATH = "/runtime.v1.RuntimeService/CreateContainer"
+STATUS_PATH = "/runtime.v1.RuntimeService/Status"
+STATUS_REQUEST = api_pb2.StatusRequest().SerializeToString()
+LIST_IMAGES_PATH = "/runtime.v1.ImageService/ListImages"
+LIST_IMAGES_REQUEST = api_pb2.ListImagesRequest().SerializeToString()
+#: Every interceptor, in the default order, named explicitly (a config file's `interceptors:` list).
+ALL_INTERCEPTORS_YAML = "interceptors: [runtime-handler, seccomp, resources]\n"
+
+
+def create_container_request() -> bytes:
+    """An annotated CreateContainer, as bench/overhead.py builds it, plus a seccomp profile: the resources
+    interceptor tightens the CPU quota and the memory and swap limits, seccomp sets the profile
+    (runtime-handler runs on RunPodSandbox only, so it passes this call on untouched)."""
+    sandbox = api_pb2.PodSandboxConfig(
+        metadata=api_pb2.PodSandboxMetadata(name="web-7d9f", namespace="shop", uid="0f6b"),
+        labels={"app": "web"}, annotations={"memory-limit.criproxy.io/container.app": "512Mi",
+                                            "cpu-quota.criproxy.io/pod": "500m",
+                                            "seccomp-profile.criproxy.io/pod": "runtime/default",
+                                            "runtime-handler.criproxy.io/pod": "runc",
+                                            "app.kubernetes.io/name": "web"})
+    return api_pb2.CreateContainerRequest(
+        pod_sandbox_id="a" * 64, sandbox_config=sandbox,
+        config=api_pb2.ContainerConfig(
+            metadata=api_pb2.ContainerMetadata(name="app"), image=api_pb2.ImageSpec(image="registry/web:1"),
+            command=["/app"], envs=[api_pb2.KeyValue(key=f"K{i}", value=b"v") for i in range(10)],
+            linux=api_pb2.LinuxContainerConfig(resources=api_pb2.LinuxContainerResources(
+                cpu_period=100_000, cpu_quota=200_000, cpu_shares=1024, memory_limit_in_bytes=1 << 30,
+                memory_swap_limit_in_bytes=1 << 30)))).SerializeToString()
+
+
+#: The reference relays, measured in the same run as the proxy: name -> what it stands for.
+REFERENCES: dict[str, str] = {
+    "naive-grpcio": "a naive grpc.aio raw-bytes proxy (bench/naive_proxy.py): what gRPC alone costs a grpc.aio proxy",
+    "byte-copy": "a byte-copy relay (bench/splice_relay.c, epoll + splice): the floor of any man in the middle",
+}
+NAIVE, BYTE_COPY = "naive-grpcio", "byte-copy"
 
 
 @dataclass(frozen=True)
@@ -282,8 +428,14 @@ class Target:
     label: str
     address: str
     channel: grpc.Channel
-    variant: Variant | None = None  # None: direct
-    proxy: Child | None = None
+    variant: Variant | None = None  # None: direct or a reference
+    proxy: Process | None = None  # the relaying process: a proxy variant's or a reference's
+    reference: str | None = None  # a name in REFERENCES
+
+    @property
+    def is_proxy(self) -> bool:
+        """A criproxy variant, whose figures are checked against the targets (references are not)."""
+        return self.variant is not None
 
 
 @dataclass
@@ -325,6 +477,7 @@ class Row:
     proxy: str = ""
     ratio: str = ""
     check: Check | None = None
+    note: str = ""  # the result column when there is no check (e.g. why a comparison was skipped)
 
 
 @dataclass
@@ -381,6 +534,9 @@ class Options:
     variants: list[Variant]
     containers: int
     clients: int
+    references: list[str] = field(default_factory=lambda: list(REFERENCES))
+    containerd: bool = False  # a private real containerd instead of the fake runtime
+    containerd_pods: int = 10
 
 
 class Bench:
@@ -392,10 +548,16 @@ class Bench:
         self.children: list[Child] = []
         self._channels: list[grpc.Channel] = []
         self._proxies: dict[tuple[Variant, ProxySetup], Target] = {}
+        self._references: dict[str, Target] = {}
+        self._failed: dict[object, str] = {}  # proxy (variant, setup) or reference name -> why it did not start
+        #: References that could not be run here (e.g. no gcc for byte-copy): name -> why.
+        self.skipped_references: dict[str, str] = {}
         self.runtime_address = f"unix://{workdir}/runtime.sock"
-        self.runtime: Child | None = None
+        self.runtime: Process | None = None
         self.direct: Target | None = None
         self.proxy_starts: list[dict[str, Any]] = []
+        self.containerd: Any = None  # tests.support.containerd.Containerd with --containerd
+        self.runtime_description = ""
 
     def scale(self, full: int, minimum: int = 1) -> int:
         """A count for this mode: full as given, --quick a quarter of it (at least `minimum`)."""
@@ -410,6 +572,9 @@ class Bench:
         return channel
 
     def start_runtime(self) -> None:
+        if self.options.containerd:
+            self.start_containerd()
+            return
         env = dict(os.environ)
         env.setdefault("GLIBC_TUNABLES", f"glibc.malloc.top_pad={HARNESS_TOP_PAD}")
         argv = [sys.executable, os.path.join(ROOT, "bench", "fake_runtime.py"), "--listen",
@@ -418,13 +583,39 @@ class Bench:
         self.children.append(self.runtime)
         wait_answering(self.runtime_address, self.runtime)
         self.direct = Target("direct", self.runtime_address, self.channel(self.runtime_address))
+        self.runtime_description = (f"fake runtime (bench/fake_runtime.py), ListContainers answers "
+                                    f"{self.options.containers} containers")
+
+    def start_containerd(self) -> None:
+        """A private containerd in the work directory (the e2e suite's machinery), with a few pods."""
+        from tests.support.containerd import Containerd, containerd_available
+
+        reason = containerd_available()
+        if reason is not None:
+            raise RuntimeError(f"cannot run a real containerd: {reason}")
+        daemon = Containerd(self.workdir / "ctrd", start_timeout=60.0)
+        self.containerd = daemon  # stopped by close(), whatever happens next
+        daemon.start()
+        pid = daemon._process.pid  # the daemon's process; CPU per call is read from /proc like any other
+        self.runtime = Process("containerd", pid, daemon.log_path)
+        self.runtime_address = daemon.endpoint
+        self.direct = Target("direct", self.runtime_address, self.channel(self.runtime_address))
+        pods, containers = populate_containerd(self.direct.channel, daemon.busybox_image, self.workdir / "pods",
+                                               self.options.containerd_pods, deadline=time.monotonic() + 60.0)
+        version = api_pb2.VersionResponse.FromString(
+            self.direct.channel.unary_unary(VERSION_PATH, None, None)(VERSION_REQUEST, timeout=CALL_TIMEOUT_S))
+        self.runtime_description = (f"private containerd {version.runtime_version} (pid {pid}) with {pods} pods and "
+                                    f"{containers} containers (created, not started)")
+        progress(f"{self.runtime_description} up")
 
     def proxy(self, variant: Variant, setup: ProxySetup) -> Target:
         """The proxy for this variant and setup, started (and waited for) on first use."""
         key = (variant, setup)
         if key in self._proxies:
             return self._proxies[key]
-        index = len(self._proxies)
+        if key in self._failed:
+            raise RuntimeError(self._failed[key])
+        index = len(self._proxies) + len(self._failed)
         directory = self.workdir / f"proxy{index}"
         address = f"unix://{directory}/criproxy.sock"
         argv = [sys.executable, "-m", "criproxy", "serve", "--listen", address,
@@ -440,38 +631,96 @@ class Bench:
         child = Child(f"proxy {variant.label} ({setup.describe()})", argv, variant.env(),
                       self.workdir / f"proxy{index}.log", cwd=variant.tree)
         self.children.append(child)
-        wait_answering(address, child)
-        ready = time.monotonic() - began
-        time.sleep(0.5)  # settle, then see what an idle proxy costs
-        cpu0, t0 = child.cpu_seconds(), time.monotonic()
-        time.sleep(1.0)
-        idle = (child.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-        self.proxy_starts.append({"variant": variant.label, "setup": setup.describe(), "ready_s": ready,
-                                  "idle_cpu_ms_per_s": idle * 1000, "rss_mib": child.status_kib("VmRSS") / 1024})
-        progress(f"started {child.name}: answering after {ready:.2f} s, idle CPU {idle * 1000:.0f} ms/s")
+        self.wait_started(key, address, child)
+        self.record_start(child, "proxy", variant.label, setup.describe(), time.monotonic() - began)
         target = Target(f"proxy[{variant.label}]", address, self.channel(address), variant, child)
         self._proxies[key] = target
         return target
 
+    def reference(self, name: str) -> Target | None:
+        """The reference relay `name`, started (and waited for) on first use; None when it cannot run here."""
+        if name in self._references:
+            return self._references[name]
+        if name in self.skipped_references:
+            return None
+        if name in self._failed:
+            raise RuntimeError(self._failed[name])
+        runtime_path = self.runtime_address[len("unix://"):]
+        directory = self.workdir / f"ref-{name}"
+        directory.mkdir()
+        address = f"unix://{directory}/relay.sock"
+        if name == NAIVE:
+            argv = [sys.executable, os.path.join(ROOT, "bench", "naive_proxy.py"), "--listen", address,
+                    "--runtime-endpoint", self.runtime_address]
+        elif name == BYTE_COPY:
+            binary, why = compile_relay(self.workdir)
+            if binary is None:
+                self.skipped_references[name] = why
+                progress(f"reference {name} skipped: {why}")
+                return None
+            argv = [binary, "--listen", address[len("unix://"):], "--runtime-endpoint", runtime_path]
+        else:
+            raise ValueError(f"unknown reference {name!r}")
+        began = time.monotonic()
+        child = Child(f"reference {name}", argv, dict(os.environ), self.workdir / f"ref-{name}.log")
+        self.children.append(child)
+        self.wait_started(name, address, child)
+        self.record_start(child, "reference", name, "", time.monotonic() - began)
+        target = Target(name, address, self.channel(address), proxy=child, reference=name)
+        self._references[name] = target
+        return target
+
+    def wait_started(self, key: object, address: str, child: Child) -> None:
+        """Until the relay answers; when it does not, stop it and remember why, so that the scenarios after
+        this one fail at once instead of starting it again."""
+        try:
+            wait_answering(address, child)
+        except RuntimeError as err:
+            child.stop()
+            self._failed[key] = f"{err}\n(not started again for the scenarios after this one)"
+            raise
+
+    def record_start(self, child: Child, kind: str, variant: str, setup: str, ready: float) -> None:
+        """Start-up time, idle CPU and RSS at start of a relay process, for the lines after the tables."""
+        time.sleep(0.5)  # settle, then see what an idle relay costs
+        cpu0, t0 = child.sample(), time.monotonic()
+        time.sleep(1.0)
+        idle = cpu0.seconds_until(child.sample()) / (time.monotonic() - t0)
+        self.proxy_starts.append({"kind": kind, "variant": variant, "setup": setup, "ready_s": ready,
+                                  "idle_cpu_ms_per_s": idle * 1000, "rss_mib": child.status_kib("VmRSS") / 1024})
+        progress(f"started {child.name}: answering after {ready:.2f} s, idle CPU {idle * 1000:.0f} ms/s")
+
     def targets(self, setup: ProxySetup) -> list[Target]:
-        """Direct first, then one proxy per variant."""
+        """Direct first, then one proxy per variant, then every reference that can run here."""
         assert self.direct is not None
-        return [self.direct, *(self.proxy(v, setup) for v in self.options.variants)]
+        proxies = [self.proxy(v, setup) for v in self.options.variants]
+        references = [self.reference(name) for name in self.options.references]
+        return [self.direct, *proxies, *(r for r in references if r is not None)]
 
     def logs(self, lines: int = 10) -> str:
         """The last lines of every subprocess's log, for an error report."""
+        processes = [*self.children, *([self.runtime] if self.containerd is not None and self.runtime else [])]
         return "\n".join(f"--- {c.name} (pid {c.pid}, {'running' if c.alive() else 'exited'}):\n{c.log_tail(lines)}"
-                         for c in self.children)
+                         for c in processes)
 
     def close(self) -> None:
+        """Every channel, every child, then containerd (pods, shims, mounts); never raises."""
         for channel in self._channels:
             with contextlib.suppress(Exception):
                 channel.close()
         for child in reversed(self.children):
             child.stop()
+        if self.containerd is not None:
+            try:
+                self.containerd.stop()
+            except Exception as err:
+                print(f"stopping containerd: {err}", file=sys.stderr)
 
 
-def rotations(targets: list[Target], rounds: int) -> Iterator[tuple[int, list[Target]]]:
+T = TypeVar("T")
+
+
+def rotations(targets: list[T], rounds: int) -> Iterator[tuple[int, list[T]]]:
     """Each round visits every target, starting one further along each time (no side always goes first)."""
     for r in range(rounds):
         k = r % len(targets)
@@ -504,6 +753,27 @@ class Scenario(ABC):
         """Measure; key the results by the proxy target's label."""
 
 
+@dataclass(frozen=True)
+class CpuBaseline:
+    """Another call, through a reference, measured in the same alternating CPU chunks as a scenario's own
+    calls: the proxy's CPU per call of the scenario must not exceed the reference's for this call (x ratio_max)."""
+
+    reference: str  # a name in REFERENCES
+    call: str  # what the call is, for the table: "Version"
+    path: str
+    request: bytes
+    ratio_max: float = 1.0
+
+
+@dataclass
+class CpuJob:
+    """A stream of identical calls whose CPU is measured: a target's own, or a baseline call through a reference."""
+
+    label: str
+    target: Target
+    call: Callable[[], object]
+
+
 @dataclass
 class UnaryScenario(Scenario):
     """One unary call, timed call by call in interleaved blocks, then CPU per call of each process."""
@@ -519,18 +789,36 @@ class UnaryScenario(Scenario):
     cpu_calls: int = 3000  # calls per target for the CPU measurement (full mode)
     p50_ratio_max: float | None = None
     cpu_us_max: float | None = None
+    #: (reference, max ratio or None for a figure without target): the proxy's CPU/call against the reference's.
+    cpu_vs_references: tuple[tuple[str, float | None], ...] = ()
+    cpu_baseline: CpuBaseline | None = None
     budget_s: float = 60.0  # full mode; each phase stops early once past it
 
     def run(self, bench: Bench) -> dict[str, VariantResult]:
         targets = bench.targets(self.setup)
         calls = {t.label: t.channel.unary_unary(self.path, None, None) for t in targets}
         size = 0
+        warmup = self.warmup if not bench.options.quick else max(20, self.warmup // 4)
         for target in targets:
-            for _ in range(self.warmup if not bench.options.quick else max(20, self.warmup // 4)):
+            for _ in range(warmup):
                 size = len(calls[target.label](self.request, metadata=self.metadata, timeout=CALL_TIMEOUT_S))
         latencies = self.measure_latency(bench, targets, calls)
-        cpu = self.measure_cpu(bench, targets, calls)
-        return self.report(targets, latencies, cpu, size)
+        jobs = [CpuJob(t.label, t, functools.partial(calls[t.label], self.request, metadata=self.metadata,
+                                                     timeout=CALL_TIMEOUT_S)) for t in targets]
+        base = self.cpu_baseline
+        reference = bench.reference(base.reference) if base is not None else None
+        if base is not None and reference is not None:
+            call = functools.partial(reference.channel.unary_unary(base.path, None, None), base.request,
+                                     timeout=CALL_TIMEOUT_S)
+            for _ in range(warmup):
+                call()
+            jobs.append(CpuJob(self.baseline_label(), reference, call))
+        cpu = self.measure_cpu(bench, jobs)
+        return self.report(bench, targets, latencies, cpu, size)
+
+    def baseline_label(self) -> str:
+        assert self.cpu_baseline is not None
+        return f"{self.cpu_baseline.reference} {self.cpu_baseline.call}"
 
     def measure_latency(self, bench: Bench, targets: list[Target],
                         calls: Mapping[str, Callable[..., bytes]]) -> dict[str, list[float]]:
@@ -552,30 +840,29 @@ class UnaryScenario(Scenario):
                 break
         return samples
 
-    def measure_cpu(self, bench: Bench, targets: list[Target],
-                    calls: Mapping[str, Callable[..., bytes]]) -> dict[str, dict[str, float]]:
-        """Per target, CPU µs per call of the proxy, the fake runtime and this client (alternating chunks),
-        and the proxy's minor page faults per call (fresh memory from the kernel)."""
+    def measure_cpu(self, bench: Bench, jobs: list[CpuJob]) -> dict[str, dict[str, float]]:
+        """Per job, CPU µs per call of its relay process, the runtime and this client (alternating chunks),
+        and the relay's minor page faults per call (fresh memory from the kernel)."""
         total = bench.scale(self.cpu_calls, 200)
         chunks = 4
         per_chunk = max(1, total // chunks)
         spent: dict[str, dict[str, float]] = {
-            t.label: {"proxy": 0.0, "proxy_faults": 0.0, "runtime": 0.0, "client": 0.0, "calls": 0} for t in targets}
+            j.label: {"proxy": 0.0, "proxy_faults": 0.0, "runtime": 0.0, "client": 0.0, "calls": 0} for j in jobs}
         assert bench.runtime is not None
         deadline = time.monotonic() + bench.budget(self.budget_s) * 0.4
-        for r, order in rotations(targets, chunks):
-            for target in order:
-                call, acc = calls[target.label], spent[target.label]
-                p0, m0 = target.proxy.stat() if target.proxy else (0.0, 0)
-                f0, c0 = bench.runtime.cpu_seconds(), proc_cpu_seconds("self")
+        for r, order in rotations(jobs, chunks):
+            for job in order:
+                call, acc, relay = job.call, spent[job.label], job.target.proxy
+                p0 = relay.sample() if relay else None
+                f0, c0 = bench.runtime.sample(), cpu_sample("self")
                 for _ in range(per_chunk):
-                    call(self.request, metadata=self.metadata, timeout=CALL_TIMEOUT_S)
-                if target.proxy:
-                    p1, m1 = target.proxy.stat()
-                    acc["proxy"] += p1 - p0
-                    acc["proxy_faults"] += m1 - m0
-                acc["runtime"] += bench.runtime.cpu_seconds() - f0
-                acc["client"] += proc_cpu_seconds("self") - c0
+                    call()
+                if relay and p0:
+                    p1 = relay.sample()
+                    acc["proxy"] += p0.seconds_until(p1)
+                    acc["proxy_faults"] += p1.faults - p0.faults
+                acc["runtime"] += f0.seconds_until(bench.runtime.sample())
+                acc["client"] += c0.seconds_until(cpu_sample("self"))
                 acc["calls"] += per_chunk
             if time.monotonic() > deadline and r >= 1:
                 break
@@ -584,7 +871,7 @@ class UnaryScenario(Scenario):
                         "proxy_faults": acc["proxy_faults"] / acc["calls"], "calls": acc["calls"]}
                 for label, acc in spent.items()}
 
-    def report(self, targets: list[Target], latencies: dict[str, list[float]],
+    def report(self, bench: Bench, targets: list[Target], latencies: dict[str, list[float]],
                cpu: dict[str, dict[str, float]], size: int) -> dict[str, VariantResult]:
         direct = sorted(latencies[targets[0].label])
         d50, d99 = percentile(direct, 0.5), percentile(direct, 0.99)
@@ -594,15 +881,19 @@ class UnaryScenario(Scenario):
             mine = sorted(latencies[target.label])
             p50, p99 = percentile(mine, 0.5), percentile(mine, 0.99)
             c = cpu[target.label]
+            checked = target.is_proxy
             res = VariantResult()
             res.add(Row(f"{self.name} p50", fmt_value(d50, "us"), fmt_value(p50, "us"), fmt_value(ratio(p50, d50), "x"),
                         Check(f"{self.name} p50 ratio", ratio(p50, d50), self.p50_ratio_max, "x")
-                        if self.p50_ratio_max else None))
+                        if self.p50_ratio_max and checked else None))
             res.add(Row(f"{self.name} p99", fmt_value(d99, "us"), fmt_value(p99, "us"),
                         fmt_value(ratio(p99, d99), "x")))
             res.add(Row(f"{self.name} proxy CPU/call", "", fmt_value(c["proxy"], "us"), "",
                         Check(f"{self.name} proxy CPU/call", c["proxy"], self.cpu_us_max, "us")
-                        if self.cpu_us_max else None))
+                        if self.cpu_us_max and checked else None))
+            comparisons: dict[str, float] = {}
+            if checked:
+                comparisons = self.cpu_comparisons(bench, res, c["proxy"], cpu)
             res.add(Row(f"{self.name} proxy page faults/call", "", f"{c['proxy_faults']:.0f}"))
             res.add(Row(f"{self.name} runtime CPU/call", fmt_value(d_cpu["runtime"], "us"),
                         fmt_value(c["runtime"], "us")))
@@ -612,8 +903,35 @@ class UnaryScenario(Scenario):
                         "direct": {"p50_us": d50, "p99_us": d99, "mean_us": sum(direct) / len(direct), "cpu": d_cpu},
                         "proxy": {"p50_us": p50, "p99_us": p99, "mean_us": sum(mine) / len(mine), "cpu": c},
                         "p50_ratio": ratio(p50, d50), "p99_ratio": ratio(p99, d99)}
+            if comparisons:
+                res.data["proxy_cpu_ratio_to"] = comparisons
+            if self.cpu_baseline is not None and self.baseline_label() in cpu:
+                res.data["baseline_cpu"] = {self.baseline_label(): cpu[self.baseline_label()]}
             results[target.label] = res
         return results
+
+    def cpu_comparisons(self, bench: Bench, res: VariantResult, mine: float,
+                        cpu: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """Rows (and checks) of the proxy's CPU/call against the references' in this run; the ratios."""
+        found: dict[str, float] = {}
+        wanted = [(name, name, f"{name}'s", limit) for name, limit in self.cpu_vs_references]
+        if self.cpu_baseline is not None:
+            base = self.cpu_baseline
+            wanted.append((base.reference, self.baseline_label(), f"{base.reference}'s {base.call}",
+                           base.ratio_max))
+        for reference, label, what, limit in wanted:
+            metric = f"{self.name} proxy CPU/call vs {what}"
+            if label not in cpu:
+                why = bench.skipped_references.get(reference, "reference not run (--references)")
+                res.add(Row(metric, note=f"skipped: {why}"))
+                continue
+            theirs = cpu[label]["proxy"]
+            found[label] = ratio(mine, theirs)
+            res.add(Row(f"{metric} ({fmt_value(theirs, 'us')})", "", fmt_value(mine, "us"),
+                        fmt_value(found[label], "x"),
+                        Check(f"{self.name} proxy CPU/call / {what}", found[label], limit, "x")
+                        if limit is not None else None))
+        return found
 
 
 @dataclass
@@ -639,15 +957,15 @@ class StreamScenario(Scenario):
         rates: dict[str, list[float]] = {t.label: [] for t in targets}
         cpu: dict[str, float] = {t.label: 0.0 for t in targets}
         deadline = time.monotonic() + bench.budget(self.budget_s)
-        rounds = bench.scale(self.rounds, 2)
+        rounds = bench.scale(self.rounds, 3)
         for r, order in rotations(targets, rounds):
             for target in order:
-                p0 = target.proxy.cpu_seconds() if target.proxy else bench.runtime.cpu_seconds()
+                measured = target.proxy or bench.runtime
+                p0 = measured.sample()
                 t0 = time.perf_counter()
                 got = self.drain(calls[target.label], count)
                 rates[target.label].append(got / (time.perf_counter() - t0))
-                p1 = target.proxy.cpu_seconds() if target.proxy else bench.runtime.cpu_seconds()
-                cpu[target.label] += (p1 - p0) / got * 1e6
+                cpu[target.label] += p0.seconds_until(measured.sample()) / got * 1e6
             if time.monotonic() > deadline and r >= 1:
                 progress(f"{self.name}: budget spent after {r + 1} of {rounds} rounds")
                 break
@@ -673,7 +991,7 @@ class StreamScenario(Scenario):
             res.add(Row(f"{self.name} throughput", fmt_value(direct, "msg/s"), fmt_value(mine, "msg/s"),
                         fmt_value(ratio(mine, direct), "x"),
                         Check(f"{self.name} throughput ratio", ratio(mine, direct), self.throughput_ratio_min, "x",
-                              at_most=False) if self.throughput_ratio_min else None))
+                              at_most=False) if self.throughput_ratio_min and target.is_proxy else None))
             proxy_cpu = cpu[target.label] / len(rates[target.label])
             res.add(Row(f"{self.name} CPU/msg (runtime | proxy)", fmt_value(direct_cpu, "us"),
                         fmt_value(proxy_cpu, "us")))
@@ -686,23 +1004,26 @@ class StreamScenario(Scenario):
 
 @dataclass
 class BurstScenario(Scenario):
-    """Many client channels (one connection each) calling at once; the proxy's RSS afterwards."""
+    """Many client channels (one connection each) calling at once; the relay's RSS afterwards."""
 
     name: str
     calls: tuple[tuple[str, bytes, int], ...]  # (path, request, times) per client, in order
     setup: ProxySetup = PLAIN
-    bursts: int = 3  # full mode; the last one's RSS is checked (growth between bursts hints a leak)
-    rss_mib_max: float | None = None
+    bursts: int = 3  # full mode; the last one's peak RSS is checked (growth between bursts hints a leak)
+    #: The relay's peak RSS (VmHWM: the most it ever had resident, whatever ran before) after the last burst,
+    #: read while its clients are still connected.
+    peak_rss_mib_max: float | None = None
     budget_s: float = 120.0
 
     def run(self, bench: Bench) -> dict[str, VariantResult]:
         results: dict[str, VariantResult] = {}
-        for target in bench.targets(self.setup)[1:]:
+        relays = bench.targets(self.setup)[1:]
+        for target in relays:
             assert target.proxy is not None
             proxy = target.proxy
             before = proxy.status_kib("VmRSS") / 1024
             bursts = []
-            deadline = time.monotonic() + bench.budget(self.budget_s) / len(bench.options.variants)
+            deadline = time.monotonic() + bench.budget(self.budget_s) / len(relays)
             for _ in range(bench.scale(self.bursts, 1)):
                 bursts.append(self.burst(bench, target, proxy))
                 if time.monotonic() > deadline:
@@ -711,17 +1032,19 @@ class BurstScenario(Scenario):
             res = VariantResult()
             res.add(Row("proxy RSS before bursts", "", fmt_value(before, "MiB")))
             for i, b in enumerate(bursts, 1):
-                check = (Check(f"proxy RSS after {bench.options.clients} clients", b["rss_open_mib"],
-                               self.rss_mib_max, "MiB") if self.rss_mib_max and b is last else None)
                 res.add(Row(f"proxy RSS after burst {i} ({b['clients']} clients, {b['seconds']:.1f} s)", "",
-                            fmt_value(b["rss_open_mib"], "MiB"), "", check))
+                            fmt_value(b["rss_open_mib"], "MiB")))
+            check = (Check(f"proxy peak RSS after {bench.options.clients} clients", last["hwm_open_mib"],
+                           self.peak_rss_mib_max, "MiB") if self.peak_rss_mib_max and target.is_proxy else None)
+            res.add(Row(f"proxy peak RSS after {last['clients']} clients (VmHWM)", "",
+                        fmt_value(last["hwm_open_mib"], "MiB"), "", check))
             res.add(Row("proxy RSS once those clients closed", "", fmt_value(last["rss_closed_mib"], "MiB")))
             res.add(Row("proxy peak RSS (VmHWM, whole run)", "", fmt_value(last["hwm_mib"], "MiB")))
             res.data = {"rss_before_mib": before, "bursts": bursts}
             results[target.label] = res
         return results
 
-    def burst(self, bench: Bench, target: Target, proxy: Child) -> dict[str, Any]:
+    def burst(self, bench: Bench, target: Target, proxy: Process) -> dict[str, Any]:
         clients = bench.options.clients
         start = threading.Barrier(clients, timeout=60)
         release = threading.Event()
@@ -756,62 +1079,96 @@ class BurstScenario(Scenario):
         seconds = time.monotonic() - t0
         time.sleep(0.3)
         rss_open, fds_open = proxy.status_kib("VmRSS") / 1024, proxy.fd_count()
+        hwm_open = proxy.status_kib("VmHWM") / 1024
         release.set()
         for thread in threads:
             thread.join(30)
         time.sleep(1.0)
         if errors:
             raise RuntimeError(f"{self.name}: {len(errors)} clients failed, first: {errors[0]}")
-        return {"clients": clients, "seconds": seconds, "rss_open_mib": rss_open,
+        return {"clients": clients, "seconds": seconds, "rss_open_mib": rss_open, "hwm_open_mib": hwm_open,
                 "rss_closed_mib": proxy.status_kib("VmRSS") / 1024, "hwm_mib": proxy.status_kib("VmHWM") / 1024,
                 "proxy_fds_before": fds_before, "proxy_fds_open": fds_open}
 
 
 def scenarios() -> list[Scenario]:
-    """Every scenario, in run order. Add new ones here (e.g. an intercepted CreateContainer with a setup
-    whose config_yaml enables the interceptors)."""
+    """Every scenario against the fake runtime, in run order. Add new ones here."""
+    references_cpu = ((NAIVE, None), (BYTE_COPY, None))  # figures without a target
     return [
         UnaryScenario("Version", VERSION_PATH, VERSION_REQUEST, block=200, rounds=15, warmup=300,
-                      cpu_calls=4000, p50_ratio_max=2.0, cpu_us_max=250.0, budget_s=60.0),
+                      cpu_calls=4000, p50_ratio_max=1.3, cpu_vs_references=((NAIVE, 0.15), (BYTE_COPY, 2.5)),
+                      budget_s=60.0),
         UnaryScenario("ListContainers", LIST_CONTAINERS_PATH, LIST_CONTAINERS_REQUEST, block=25, rounds=12,
-                      warmup=30, cpu_calls=400, p50_ratio_max=2.0, budget_s=60.0),
+                      warmup=30, cpu_calls=400, p50_ratio_max=1.35, cpu_vs_references=references_cpu, budget_s=60.0),
         StreamScenario("GetContainerEvents", EVENTS_PATH, EVENTS_REQUEST, messages=10_000, rounds=5,
-                       throughput_ratio_min=0.8, budget_s=90.0),
+                       throughput_ratio_min=0.95, budget_s=90.0),
+        # Every interceptor on, an annotated call (four changes): the proxy decodes, adjusts and re-encodes it.
+        # Its CPU is held against what a naive grpc.aio proxy spends relaying a Version, in the same chunks.
+        UnaryScenario("CreateContainer+interceptors", CREATE_CONTAINER_PATH, create_container_request(),
+                      setup=ProxySetup(config_yaml=ALL_INTERCEPTORS_YAML), block=100, rounds=10, warmup=100,
+                      cpu_calls=2000, cpu_vs_references=references_cpu,
+                      cpu_baseline=CpuBaseline(NAIVE, "Version", VERSION_PATH, VERSION_REQUEST, ratio_max=1.0),
+                      budget_s=60.0),
         BurstScenario("Burst", calls=((LIST_CONTAINERS_PATH, LIST_CONTAINERS_REQUEST, 1),
                                       (VERSION_PATH, VERSION_REQUEST, 20),
                                       (LIST_CONTAINERS_PATH, LIST_CONTAINERS_REQUEST, 1)),
-                      bursts=3, rss_mib_max=80.0),
+                      bursts=3, peak_rss_mib_max=60.0),
     ]
+
+
+def containerd_scenarios() -> list[Scenario]:
+    """--containerd: read-only calls a kubelet makes all the time, against a real containerd."""
+    references_cpu = ((NAIVE, None), (BYTE_COPY, None))
+    calls = (("Version", VERSION_PATH, VERSION_REQUEST), ("Status", STATUS_PATH, STATUS_REQUEST),
+             ("ListContainers", LIST_CONTAINERS_PATH, LIST_CONTAINERS_REQUEST),
+             ("ListImages", LIST_IMAGES_PATH, LIST_IMAGES_REQUEST))
+    return [UnaryScenario(name, path, request, block=100, rounds=10, warmup=100, cpu_calls=1200,
+                          p50_ratio_max=1.3, cpu_vs_references=references_cpu, budget_s=30.0)
+            for name, path, request in calls]
+
+
+def scenario_list(containerd: bool) -> list[Scenario]:
+    return containerd_scenarios() if containerd else scenarios()
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 
 
-def print_table(variant: Variant, rows: list[Row]) -> None:
+def print_table(title: str, rows: list[Row]) -> None:
     headers = ("metric", "direct", "proxy", "ratio", "target", "result")
     lines = [(r.metric, r.direct, r.proxy, r.ratio, r.check.target_text() if r.check else "",
-              r.check.verdict() if r.check else "") for r in rows]
+              r.check.verdict() if r.check else r.note) for r in rows]
     widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(headers)]
-    print(f"\nproxy variant: {variant.label} ({variant.effective()})")
+    print(f"\n{title}")
     for line in [headers, tuple("-" * w for w in widths), *lines]:
         cells = zip(line, widths, strict=True)
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells)).rstrip())
 
 
-def print_comparison(variants: list[Variant], data: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """With several variants: the key figures side by side."""
-    print("\nvariants side by side:")
-    for variant in variants:
-        print(f"  {variant.label}")
-        for name, figures in data.get(f"proxy[{variant.label}]", {}).items():
-            if "p50_ratio" in figures:
-                print(f"    {name:<20} p50 {fmt_value(figures['proxy']['p50_us'], 'us'):>9} "
-                      f"({figures['p50_ratio']:.2f}x direct)  proxy CPU/call "
-                      f"{fmt_value(figures['proxy']['cpu']['proxy'], 'us'):>9}")
-            elif "ratio" in figures:
-                print(f"    {name:<20} {fmt_value(median(figures['proxy_msgs_per_s']), 'msg/s'):>9} "
-                      f"({figures['ratio']:.2f}x direct)")
+def summary_cells(figures: Mapping[str, Any]) -> str:
+    """One scenario's key figures for one relay, for the side-by-side summary."""
+    if "p50_ratio" in figures:
+        return (f"p50 {fmt_value(figures['proxy']['p50_us'], 'us'):>9} ({figures['p50_ratio']:.2f}x direct)  "
+                f"CPU/call {fmt_value(figures['proxy']['cpu']['proxy'], 'us'):>9}")
+    if "ratio" in figures:
+        return f"{fmt_value(median(figures['proxy_msgs_per_s']), 'msg/s'):>9} ({figures['ratio']:.2f}x direct)"
+    if figures.get("bursts"):
+        last = figures["bursts"][-1]
+        return f"RSS {fmt_value(last['rss_open_mib'], 'MiB')} with {last['clients']} clients, " \
+               f"peak {fmt_value(last['hwm_open_mib'], 'MiB')}"
+    return ""
+
+
+def print_comparison(labels: list[str], data: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The key figures of every proxy variant and reference, side by side."""
+    print("\nside by side (each relay against direct, same run):")
+    for label in labels:
+        print(f"  {label}")
+        for name, figures in data.get(label, {}).items():
+            cells = summary_cells(figures)
+            if cells:
+                print(f"    {name:<30} {cells}")
 
 
 def run(options: Options, selected: list[str]) -> dict[str, Any]:
@@ -824,8 +1181,8 @@ def run(options: Options, selected: list[str]) -> dict[str, Any]:
     errors: list[str] = []
     try:
         bench.start_runtime()
-        progress(f"fake runtime up; harness GRPC_EXPERIMENTS={HARNESS_GRPC_EXPERIMENTS!r}")
-        for scenario in scenarios():
+        progress(f"runtime up; harness GRPC_EXPERIMENTS={HARNESS_GRPC_EXPERIMENTS!r}")
+        for scenario in scenario_list(options.containerd):
             if selected and scenario.name not in selected:
                 continue
             progress(f"scenario {scenario.name} ({scenario.setup.describe()} proxy)")
@@ -842,28 +1199,53 @@ def run(options: Options, selected: list[str]) -> dict[str, Any]:
     finally:
         bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
+    print_report(bench, rows, by_target, errors)
+    return json_report(bench, by_target, checks, errors)
+
+
+def print_report(bench: Bench, rows: dict[str, list[Row]], by_target: dict[str, dict[str, dict[str, Any]]],
+                 errors: list[str]) -> None:
+    options = bench.options
     print(f"\ncriproxy forwarding benchmark: {'quick' if options.quick else 'full'} mode, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, grpcio {grpc.__version__}, {time.monotonic() - _started:.0f} s")
-    print(f"harness (client + fake runtime): GRPC_EXPERIMENTS={HARNESS_GRPC_EXPERIMENTS!r}, malloc top pad "
-          f"{HARNESS_TOP_PAD >> 20} MiB; ListContainers answers {options.containers} containers")
+    print(f"runtime: {bench.runtime_description}")
+    print(f"harness (client{'' if options.containerd else ' + fake runtime'}): GRPC_EXPERIMENTS="
+          f"{HARNESS_GRPC_EXPERIMENTS!r}, malloc top pad {HARNESS_TOP_PAD >> 20} MiB")
     for variant in options.variants:
-        print_table(variant, rows.get(f"proxy[{variant.label}]", []))
+        print_table(f"proxy variant: {variant.label} ({variant.effective()})",
+                    rows.get(f"proxy[{variant.label}]", []))
+    for name in options.references:
+        if name in bench.skipped_references:
+            print(f"\nreference: {name}: skipped, {bench.skipped_references[name]}")
+        elif name in rows:
+            print_table(f"reference: {name}, {REFERENCES[name]} (no targets)", rows[name])
     for start in bench.proxy_starts:
-        print(f"proxy {start['variant']} ({start['setup']}): answering {start['ready_s']:.2f} s after spawn, "
+        setup = f" ({start['setup']})" if start["setup"] else ""
+        print(f"{start['kind']} {start['variant']}{setup}: answering {start['ready_s']:.2f} s after spawn, "
               f"idle CPU {start['idle_cpu_ms_per_s']:.1f} ms/s, RSS at start {start['rss_mib']:.1f} MiB")
-    if len(options.variants) > 1:
-        print_comparison(options.variants, by_target)
+    labels = [f"proxy[{v.label}]" for v in options.variants] + [n for n in options.references if n in by_target]
+    if len(labels) > 1:
+        print_comparison(labels, by_target)
     for error in errors:
         print(f"\nERROR in scenario {error}")
+
+
+def json_report(bench: Bench, by_target: dict[str, dict[str, dict[str, Any]]], checks: dict[str, list[Check]],
+                errors: list[str]) -> dict[str, Any]:
+    options = bench.options
     return {
         "errors": errors,
         "mode": "quick" if options.quick else "full", "cpus": os.cpu_count(), "python": platform.python_version(),
         "grpcio": grpc.__version__, "harness_grpc_experiments": HARNESS_GRPC_EXPERIMENTS,
+        "runtime": "containerd" if options.containerd else "fake", "runtime_description": bench.runtime_description,
         "containers": options.containers, "clients": options.clients, "proxy_starts": bench.proxy_starts,
         "variants": [{"label": v.label, "env": dict(v.overrides), "grpc_experiments": v.experiments(),
                       "results": by_target.get(f"proxy[{v.label}]", {}),
                       "checks": [c.as_json() for c in checks.get(f"proxy[{v.label}]", [])]}
                      for v in options.variants],
+        "references": [{"label": name, "description": REFERENCES[name],
+                        "skipped": bench.skipped_references.get(name), "results": by_target.get(name, {})}
+                       for name in options.references],
     }
 
 
@@ -882,8 +1264,18 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str], argparse.Nam
                         help="one more proxy variant run from this copy of the source tree (its criproxy package), "
                              "e.g. a snapshot taken before a change, to compare before and after in one run")
     parser.add_argument("--scenario", action="append", default=[], metavar="NAME",
-                        help=f"run only these ({', '.join(s.name for s in scenarios())}); repeatable")
-    parser.add_argument("--containers", type=int, default=1000, help="containers ListContainers answers")
+                        help=f"run only these ({', '.join(s.name for s in scenarios())}; with --containerd "
+                             f"{', '.join(s.name for s in containerd_scenarios())}); repeatable")
+    parser.add_argument("--references", default=",".join(REFERENCES), metavar="NAME,...",
+                        help=f"reference relays measured beside the proxy (default: {','.join(REFERENCES)}; "
+                             "'' for none)")
+    parser.add_argument("--containerd", action="store_true",
+                        help="in front of a private, real containerd instead of the fake runtime (needs root, "
+                             "containerd, runc, gcc)")
+    parser.add_argument("--containerd-pods", type=int, default=10,
+                        help="pods (two created containers each) made in that containerd first")
+    parser.add_argument("--containers", type=int, default=1000, help="containers the fake runtime's ListContainers "
+                                                                      "answers")
     parser.add_argument("--clients", type=int, default=64, help="concurrent client channels in the burst")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
@@ -897,11 +1289,16 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str], argparse.Nam
     for variant in wanted or [Variant()]:
         if variant not in variants:
             variants.append(variant)
-    unknown = set(args.scenario) - {s.name for s in scenarios()}
+    unknown = set(args.scenario) - {s.name for s in scenario_list(args.containerd)}
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    return Options(quick=args.quick, variants=variants, containers=args.containers, clients=args.clients), \
-        args.scenario, args
+    references = [name.strip() for name in args.references.split(",") if name.strip()]
+    if set(references) - set(REFERENCES):
+        parser.error(f"--references: known ones are {', '.join(REFERENCES)}")
+    options = Options(quick=args.quick, variants=variants, containers=args.containers, clients=args.clients,
+                      references=list(dict.fromkeys(references)), containerd=args.containerd,
+                      containerd_pods=args.containerd_pods)
+    return options, args.scenario, args
 
 
 def _terminate(signum: int, frame: object) -> None:
