@@ -15,10 +15,12 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TextIO
 
 from criproxy import __version__
 from criproxy.config import SETTINGS, build_config
 from criproxy.errors import ConfigError
+from criproxy.logqueue import DEFAULT_CAPACITY, BackgroundLog
 
 DESCRIPTION = """\
 criproxy sits between the kubelet and the container runtime (containerd, CRI-O) on the
@@ -55,9 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     policy = commands.add_parser("policy", help="work with policy files")
     policy_commands = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     check = policy_commands.add_parser(
-        "check", help="check policy files", description="Check policy files. Exit status 0 when every file is "
-        "valid, 1 when any is not (every problem listed as file:line: key: why).")
+        "check", help="check policy files", description="Check policy files as `criproxy serve` checks them: "
+        "their content, and the file itself (after symlinks: owned by root or by the user running the check, "
+        "writable by nobody else). Exit status 0 when every file is valid, 1 when any is not (every problem listed "
+        "as file:line: key: why). With --config, notes what the config's settings do under each policy.")
     check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    check.add_argument("--config", type=Path, metavar="FILE",
+                       help="criproxy config file (seccomp.legacy-annotations puts more pods under the policy)")
 
     explain = commands.add_parser(
         "explain", help="show what the proxy would do to the pods of a manifest",
@@ -79,25 +85,54 @@ def _serve(args: argparse.Namespace) -> int:
 
     flags = {s.key: getattr(args, s.attr) for s in SETTINGS}
     config = replace(build_config(flags, args.config), takeover=args.takeover)
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tune_process()  # glibc malloc: large CRI messages without page faults (criproxy/tuning.py)
-    asyncio.run(serve(config))
+    main_log = configure_logging(config.log_level)
+    try:
+        tune_process()  # glibc malloc: large CRI messages without page faults (criproxy/tuning.py)
+        asyncio.run(serve(config))
+    finally:
+        main_log.stop()  # write out what was logged before the stop
     return 0
 
 
-def _policy_check(args: argparse.Namespace) -> int:
-    from criproxy.policies.model import check_policy
+def configure_logging(level: str, *, stream: TextIO | None = None,
+                      capacity: int = DEFAULT_CAPACITY) -> BackgroundLog:
+    """The main log of `criproxy serve`: lines go to stderr from a background thread (criproxy.logqueue),
+    so a stalled stderr never stalls a call; past `capacity` waiting lines, lines are dropped and counted."""
+    destination = logging.StreamHandler(sys.stderr if stream is None else stream)
+    destination.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    background = BackgroundLog("main", destination, capacity=capacity)
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.addHandler(background.handler)
+    return background
 
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from criproxy.interceptors.seccomp import LEGACY_CONTAINER, LEGACY_POD, SETTING, SeccompInterceptor
+    from criproxy.policies.model import check_policy, parse_policy
+    from criproxy.policies.store import file_problem
+
+    legacy = args.config is not None and any(isinstance(i, SeccompInterceptor) and i.config.legacy_annotations
+                                             for i in build_config({}, args.config).interceptors)
     failed = False
     for path in args.files:
         try:
-            problems = [str(p) for p in check_policy(path.read_bytes(), str(path))]
+            text = path.read_bytes()
         except OSError as err:
             problems = [f"{path}: cannot read it: {err.strerror}"]
+        else:
+            refused = file_problem(path)  # what serve checks of the file itself, before its content
+            problems = [f"{path}: criproxy serve would refuse it: {refused}"] if refused is not None else []
+            problems += [str(p) for p in check_policy(text, str(path))]
         for problem in problems:
             print(problem, file=sys.stderr)
         print(f"{path}: {'invalid, ' + str(len(problems)) + ' problem(s)' if problems else 'ok'}")
+        if legacy and not problems:
+            where = parse_policy(text, str(path)).denied_wherever(SETTING)
+            if where:
+                print(f"{path}: note: seccomp.legacy-annotations is true in {args.config}: the legacy seccomp "
+                      f"annotations ({LEGACY_POD}, {LEGACY_CONTAINER}<name>) count as {SETTING} annotations, so a "
+                      f"pod carrying one is a violation (denied in enforce mode) {' and '.join(where)}")
         failed = failed or bool(problems)
     return 1 if failed else 0
 

@@ -20,6 +20,7 @@ from criproxy.annotations import DEFAULT_DOMAIN, Lookup, annotation_key_problem
 from criproxy.endpoints import Endpoint, parse_endpoint
 from criproxy.errors import ConfigError
 from criproxy.interceptors import BUILTIN, Interceptor, build_interceptors
+from criproxy.sockets import TEMPORARY_SUFFIX_BYTES
 from criproxy.state import DEFAULT_MAX_ENTRIES
 
 MiB = 1024 * 1024
@@ -75,6 +76,14 @@ class ServeConfig:
 
 def _endpoint(value: Any, where: str) -> Endpoint:
     return parse_endpoint(_string(value, where), what=where)
+
+
+#: --listen binds PATH.<pid>.tmp first and renames it over PATH (criproxy.sockets): both must fit.
+_LISTEN_RESERVE = (TEMPORARY_SUFFIX_BYTES, "the proxy first binds PATH.<pid>.tmp beside it")
+
+
+def _listen(value: Any, where: str) -> Endpoint:
+    return parse_endpoint(_string(value, where), what=where, reserve=_LISTEN_RESERVE)
 
 
 def _string(value: Any, where: str) -> str:
@@ -153,11 +162,12 @@ def _file(value: Any, where: str) -> Path:
 
 
 def _address(value: Any, where: str) -> tuple[str, int] | None:
-    text = str(value).strip()
-    if text in ("", "off", "none"):
+    # YAML 1.1 reads an unquoted `off` (and `false`, `no`) in the config file as the boolean false.
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("", "off", "none", "false", "no")):
         return None
+    text = str(value).strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if isinstance(value, bool) or not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: expected HOST:PORT such as 127.0.0.1:9808 (or off), got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -209,7 +219,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("listen", _endpoint, "URL",
+    Setting("listen", _listen, "URL",
             f"socket the kubelet connects to (default {DEFAULT_LISTEN}); point the kubelet's "
             "containerRuntimeEndpoint and imageServiceEndpoint here"),
     Setting("runtime-endpoint", _endpoint, "URL",
@@ -219,7 +229,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-message-bytes", _byte_size, "SIZE",
             "largest gRPC message carried either way, e.g. 16Mi (default 16Mi, the kubelet's limit)"),
     Setting("socket-mode", _mode, "OCTAL", "permission bits of the listening socket (default 0660)"),
-    Setting("socket-group", _group, "GROUP", "group that owns the listening socket (default: root's)"),
+    Setting("socket-group", _group, "GROUP",
+            "group (name or id) that owns the listening socket (default: the proxy's own group)"),
     Setting("shutdown-grace-seconds", _seconds, "SECONDS",
             "on SIGTERM/SIGINT, how long in-flight calls may finish before they are cut (default 10)"),
     Setting("log-level", _log_level, "LEVEL", "debug, info, warning or error (default info)"),

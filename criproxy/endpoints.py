@@ -30,8 +30,16 @@ class Endpoint:
         return self.url
 
 
-def parse_endpoint(value: str, *, what: str) -> Endpoint:
-    """Parse `unix:///abs/path` (or a bare absolute path); `what` names the flag in errors."""
+#: The longest path a unix socket address holds: sun_path is 108 bytes, one of them the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def parse_endpoint(value: str, *, what: str, reserve: tuple[int, str] | None = None) -> Endpoint:
+    """Parse `unix:///abs/path` (or a bare absolute path); `what` names the flag in errors.
+
+    A path longer than the kernel takes in a socket address is refused here, before anything binds or
+    connects; `reserve` is (bytes, what they are for) that a caller adds to the path (--listen binds a
+    temporary name beside it first)."""
     raw = value.strip()
     if raw.startswith("unix://"):
         path = raw[len("unix://") :]
@@ -49,4 +57,12 @@ def parse_endpoint(value: str, *, what: str) -> Endpoint:
         )
     if "\x00" in path:
         raise ConfigError(f"{what} {value!r}: the socket path contains a NUL byte")
-    return Endpoint(url=raw, path=os.path.normpath(path))
+    path = os.path.normpath(path)
+    length = len(os.fsencode(path))
+    extra, why = reserve if reserve is not None else (0, "")
+    if length + extra > MAX_SOCKET_PATH_BYTES:
+        limit = f"the kernel allows at most {MAX_SOCKET_PATH_BYTES} bytes in a unix socket path"
+        if extra:
+            limit += f", and {why} ({extra} bytes more): use at most {MAX_SOCKET_PATH_BYTES - extra}"
+        raise ConfigError(f"{what} {value!r}: the socket path is {length} bytes long; {limit}")
+    return Endpoint(url=raw, path=path)

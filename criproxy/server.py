@@ -1,4 +1,4 @@
-"""`criproxy serve`: wire the upstreams, the relay and the listening socket together, and run."""
+"""`criproxy serve`: wire the data plane, the pipeline, the upstreams and the listening socket together, and run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -23,16 +23,19 @@ from criproxy.config import STDERR, ServeConfig
 from criproxy.decisionlog import DecisionLog
 from criproxy.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
 from criproxy.errors import ConfigError
+from criproxy.logqueue import background_logs
 from criproxy.metrics import Metrics, NoMetrics
 from criproxy.metrics.prometheus import HttpEndpoint, PrometheusMetrics, health_app
 from criproxy.pipeline import DecisionSink, Pipeline, all_of, log_decisions, metrics_sink
 from criproxy.policies import Policy
 from criproxy.policies.store import PolicyStore
-from criproxy.relay import Hooks, Relay
 from criproxy.sdnotify import notify
+from criproxy.seam import Hooks, NoHooks
 from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
 from criproxy.state import ContainerIndex
+from criproxy.supervise import Supervisor
 from criproxy.tracing import Tracing, observe_call, record_decisions, tracing_from_env
+from criproxy.transport.plane import NativePlane, PlaneSettings
 from criproxy.upstream import Upstream, call_typed
 
 log = logging.getLogger(__name__)
@@ -49,17 +52,6 @@ SUCCESSOR_POLL_S = 1.0
 CONNECTION_AGE_S = 10.0
 #: gRPC spreads connection ages by up to 10% either way.
 CONNECTION_AGE_JITTER = 0.1
-_FOREVER_MS = 2**31 - 1
-
-
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_connection_age_ms", int(CONNECTION_AGE_S * 1000)),
-        ("grpc.max_connection_age_grace_ms", _FOREVER_MS),
-    ]
 
 
 def find_runtime_endpoint(listen: Endpoint) -> Endpoint:
@@ -84,10 +76,9 @@ class Proxy:
     """A running proxy: its gRPC server, upstreams and socket. Made by start_proxy, ended by stop()."""
 
     config: ServeConfig
-    server: grpc.aio.Server
+    plane: NativePlane
     runtime: Upstream
     image: Upstream
-    relay: Relay
     socket_inode: int
     pipeline: Pipeline | None = None
     policies: PolicyStore | None = None
@@ -101,7 +92,7 @@ class Proxy:
             await self.policies.stop()
         # Unlink first: a new proxy (or the kubelet's reconnect) must not find a socket nobody serves.
         removed = remove_if_ours(self.config.listen.path, self.socket_inode)
-        await self.server.stop(grace)
+        await self.plane.stop(grace)
         await self.runtime.close()
         if self.image is not self.runtime:
             await self.image.close()
@@ -145,6 +136,8 @@ class Observability:
     tracing: Tracing | None = None
     decision_log: DecisionLog | None = None
     http: HttpEndpoint | None = None
+    #: Runs the background tasks (runtime watchers, policy watcher and reloader); /readyz names failing ones.
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     def close(self) -> None:
         if self.http is not None:
@@ -165,18 +158,31 @@ def build_observability(config: ServeConfig, registry: CollectorRegistry | None,
             decision_log = DecisionLog(path, max_bytes=config.decision_log_max_bytes)
         except OSError as err:
             raise ConfigError(f"--decision-log {config.decision_log}: cannot open it: {err.strerror}") from None
-    if config.metrics_address is None and registry is None:
-        return Observability(NoMetrics(), tracing, decision_log)
-    return Observability(PrometheusMetrics(registry if registry is not None else CollectorRegistry()), tracing,
-                         decision_log)
+    metrics: Metrics = NoMetrics()
+    if config.metrics_address is not None or registry is not None:
+        metrics = PrometheusMetrics(registry if registry is not None else CollectorRegistry())
+    # Log records dropped because their writer fell behind (criproxy.logqueue) are counted.
+    for background in background_logs(logging.getLogger()):
+        background.on_drop = metrics.log_records_dropped
+    if decision_log is not None:
+        decision_log.on_drop = metrics.log_records_dropped
+    return Observability(metrics, tracing, decision_log, supervisor=Supervisor(metrics.background_task_failed))
 
 
 def start_http(config: ServeConfig, obs: Observability, ready: Callable[[], tuple[bool, str]]) -> None:
     if config.metrics_address is None or not isinstance(obs.metrics, PrometheusMetrics):
         return
     host, port = config.metrics_address
+
+    def checked() -> tuple[bool, str]:
+        failing = obs.supervisor.failing()
+        if failing:
+            return False, "background task failing: " + "; ".join(f"{name}: {why}" for name, why in failing.items())
+        return ready()
+
     try:
-        obs.http = HttpEndpoint(host, port, health_app(obs.metrics.registry, ready))
+        # The port is shared only with the proxy being taken over (--takeover); otherwise in use is an error.
+        obs.http = HttpEndpoint(host, port, health_app(obs.metrics.registry, checked), share=config.takeover)
     except OSError as err:
         raise ConfigError(f"--metrics-address {host}:{port}: cannot listen: {err.strerror}") from None
     obs.http.start()
@@ -205,24 +211,35 @@ def build_upstreams(config: ServeConfig, runtime_endpoint: Endpoint) -> tuple[Up
     return runtime, Upstream(config.image_endpoint, max_message_bytes=config.max_message_bytes, role="image")
 
 
-async def connect(runtime: Upstream, image: Upstream, pipeline: Pipeline | None, metrics: Metrics) -> None:
-    """Learn the runtime now, and again on every reconnect (API versions, handlers, the index)."""
+async def connect(runtime: Upstream, image: Upstream, pipeline: Pipeline | None, metrics: Metrics,
+                  plane: NativePlane, *, supervisor: Supervisor | None = None) -> None:
+    """Learn the runtime now, and again on every reconnect (API versions, handlers, the index), and
+    tell the data plane which APIs to route callers to. The watchers run under `supervisor`; a runtime
+    that does not answer is said so now, and again every NOT_ANSWERING_REPEAT_S until it does."""
     def on_state(upstream: Upstream, state: grpc.ChannelConnectivity) -> None:
         metrics.runtime_state(upstream.role, state == grpc.ChannelConnectivity.READY)
+
+    def routes() -> None:
+        plane.set_apis(runtime.apis, image.apis)
 
     async def on_connect() -> None:
         if await runtime.detect_api() is not None:
             metrics.runtime_api(runtime.role, runtime.apis)
+            routes()
             if pipeline is not None:
                 await pipeline.refresh()
+
+    async def on_image_connect() -> None:
+        await image.detect_image_api()
+        routes()
 
     runtime.on_state_change = image.on_state_change = on_state
     await on_connect()
     metrics.runtime_state(runtime.role, runtime.is_connected())
-    runtime.start_watching(on_connect)
+    runtime.start_watching(on_connect, supervisor)
     if image is not runtime:
-        await image.detect_image_api()
-        image.start_watching(image.detect_image_api)
+        await on_image_connect()
+        image.start_watching(on_image_connect, supervisor)
 
 
 async def start_proxy(config: ServeConfig, hooks: Hooks | None = None, *, registry: CollectorRegistry | None = None,
@@ -263,25 +280,33 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
         return True, f"ready: runtime {runtime.endpoint}, policy {policies.current.identity if policies else 'none'}"
 
     start_http(config, obs, ready)
-    relay = Relay(runtime, image, hooks if hooks is not None else pipeline, metrics=obs.metrics, tracing=obs.tracing)
-    server = grpc.aio.server(options=server_options(config.max_message_bytes),
-                             maximum_concurrent_rpcs=config.max_concurrent_calls)
-    server.add_generic_rpc_handlers((relay,))
+    chosen: Hooks = hooks if hooks is not None else pipeline if pipeline is not None else NoHooks()
+    plane = NativePlane(PlaneSettings(
+        runtime_endpoint=f"unix://{runtime.endpoint.path}", image_endpoint=f"unix://{image.endpoint.path}",
+        max_message_bytes=config.max_message_bytes, max_concurrent_calls=config.max_concurrent_calls,
+        connection_age_seconds=CONNECTION_AGE_S), chosen, obs.metrics, obs.tracing)
+    if isinstance(obs.metrics, PrometheusMetrics):
+        obs.metrics.count_calls(plane.native.snapshot)
     temp = temporary_path(config.listen.path)
-    if server.add_insecure_port("unix://" + temp) == 0:
-        raise ConfigError(f"--listen {config.listen}: cannot bind a socket in {os.path.dirname(temp)}")
-    await server.start()
+    try:
+        plane.start(temp)
+    except OSError as err:
+        raise ConfigError(f"--listen {config.listen}: cannot bind a socket in {os.path.dirname(temp)}: {err}") from None
     inode = publish(temp, config.listen.path, config.socket_mode, config.socket_group)
     # Serving from here on: tell systemd now (under an upgrade it must learn the new main pid before
     # the old process, which sees the rename, exits), not after the runtime answered.
     notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving {config.listen}")
-    await connect(runtime, image, pipeline, obs.metrics)
+    try:
+        await connect(runtime, image, pipeline, obs.metrics, plane, supervisor=obs.supervisor)
+    except BaseException:
+        await plane.stop(0)
+        raise
     log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s; interceptors: %s", __version__,
              config.listen, runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint,
              ", ".join(i.name for i in pipeline.interceptors) if pipeline is not None else "none")
     if policies is not None:
-        policies.start_watching()
-    return Proxy(config=config, server=server, runtime=runtime, image=image, relay=relay, socket_inode=inode,
+        policies.start_watching(obs.supervisor)
+    return Proxy(config=config, plane=plane, runtime=runtime, image=image, socket_inode=inode,
                  pipeline=pipeline, policies=policies, observability=obs)
 
 

@@ -70,6 +70,10 @@ def prepare_listen_path(path: str, *, takeover: bool = False) -> bool:
     return False
 
 
+#: What temporary_path adds to a path at most: '.' + a pid of up to 7 digits (pid_max is 2**22) + '.tmp'.
+TEMPORARY_SUFFIX_BYTES = len(".4194304.tmp")
+
+
 def temporary_path(path: str) -> str:
     return f"{path}.{os.getpid()}.tmp"
 

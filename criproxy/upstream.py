@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,12 +27,15 @@ from criproxy import __version__
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.endpoints import Endpoint
 from criproxy.methods import API_VERSIONS, METHODS
+from criproxy.supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
 RECONNECT_INITIAL_MS = 100
 RECONNECT_MAX_MS = 500
 DETECT_TIMEOUT_S = 5.0
+#: While an endpoint does not answer, the log says so at once and again this often, until it answers.
+NOT_ANSWERING_REPEAT_S = 30.0
 
 RawUnary = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
 RawStream = grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
@@ -74,6 +78,10 @@ class Upstream:
         self._bidi: dict[str, RawBidi] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.on_state_change: Callable[[Upstream, grpc.ChannelConnectivity], None] | None = None
+        #: time.monotonic() when the log last said the endpoint is not answering; None: since it answers.
+        self._not_answering_said: float | None = None
+        #: An on_ready call began and has not finished (it failed: the restarted watcher calls it again).
+        self._ready_pending = False
 
     # Raw (bytes in, bytes out) callables, made once per path: making one costs more than a call.
     def unary(self, path: str) -> RawUnary:
@@ -112,6 +120,9 @@ class Upstream:
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                     continue
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.say_not_answering(err.details() or "")
+                    return None
                 log.warning("%s endpoint %s: Version failed: %s: %s", self.role, self.endpoint, err.code().name,
                             err.details())
                 return None
@@ -139,6 +150,8 @@ class Upstream:
             try:
                 await self.unary(f"/runtime.{api}.ImageService/ImageFsInfo")(b"", timeout=DETECT_TIMEOUT_S)
             except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.say_not_answering(err.details() or "")
                 if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                     return
                 continue
@@ -146,25 +159,57 @@ class Upstream:
         if spoken:
             self._learned(spoken, "image service")
 
-    def start_watching(self, on_ready: Callable[[], Any]) -> None:
-        """Follow the channel's state; call on_ready (sync or async) each time it becomes READY again."""
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(on_ready), name=f"watch-{self.role}")
+    def not_answering(self) -> str:
+        """What the log says while the endpoint does not answer: what a call failing meanwhile says."""
+        return f"{self.role} endpoint {self.endpoint} is not answering (is the runtime running?)"
+
+    def say_not_answering(self, detail: str = "") -> None:
+        self._not_answering_said = time.monotonic()
+        log.warning("%s; calls fail at once with UNAVAILABLE until it answers (retried every %d ms)%s",
+                    self.not_answering(), RECONNECT_MAX_MS, f": {detail}" if detail else "")
+
+    def start_watching(self, on_ready: Callable[[], Any], supervisor: Supervisor | None = None) -> None:
+        """Follow the channel's state; call on_ready (sync or async) each time it becomes READY again.
+        The watcher runs under `supervisor` (a private one when None): a failure restarts it."""
+        supervisor = supervisor if supervisor is not None else Supervisor()
+        self._watcher = supervisor.start(f"watch-{self.role}", lambda: self._watch(on_ready))
 
     async def _watch(self, on_ready: Callable[[], Any]) -> None:
         state = self.channel.get_state(try_to_connect=True)
+        if self.on_state_change is not None:
+            self.on_state_change(self, state)  # (re)started: report where the channel stands
+        if state == grpc.ChannelConnectivity.READY and self._ready_pending:
+            await self._call(on_ready)  # the last watcher failed in it
         while True:
-            await self.channel.wait_for_state_change(state)
+            if state != grpc.ChannelConnectivity.READY:
+                said = self._not_answering_said
+                if said is None or time.monotonic() - said >= NOT_ANSWERING_REPEAT_S:
+                    self.say_not_answering()
+                said = self._not_answering_said or time.monotonic()
+                try:
+                    # Bounded: the reminder is due even when the state does not change.
+                    await asyncio.wait_for(self.channel.wait_for_state_change(state),
+                                           max(0.01, said + NOT_ANSWERING_REPEAT_S - time.monotonic()))
+                except TimeoutError:
+                    continue
+            else:
+                await self.channel.wait_for_state_change(state)
             previous, state = state, self.channel.get_state(try_to_connect=True)
             if self.on_state_change is not None:
                 self.on_state_change(self, state)
             if state == grpc.ChannelConnectivity.READY:
                 log.info("%s endpoint %s connected", self.role, self.endpoint)
-                result = on_ready()
-                if asyncio.iscoroutine(result):
-                    await result
+                self._not_answering_said = None
+                await self._call(on_ready)
             elif previous == grpc.ChannelConnectivity.READY:
-                log.warning("%s endpoint %s lost (%s); reconnecting every %d ms at most", self.role, self.endpoint,
-                            state.name, RECONNECT_MAX_MS)
+                self.say_not_answering(f"the connection was lost ({state.name})")
+
+    async def _call(self, on_ready: Callable[[], Any]) -> None:
+        self._ready_pending = True
+        result = on_ready()
+        if asyncio.iscoroutine(result):
+            await result
+        self._ready_pending = False
 
     async def close(self) -> None:
         if self._watcher is not None:

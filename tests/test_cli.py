@@ -53,6 +53,14 @@ def test_bad_flag_value_exits_2_naming_it(sockdir: Path) -> None:
     assert done.stderr.startswith("criproxy: --runtime-endpoint 'tcp://10.0.0.1:1': the tcp:// scheme")
 
 
+def test_a_listen_path_too_long_for_a_socket_exits_2_naming_it(sockdir: Path) -> None:
+    url = f"unix://{sockdir}/{'x' * 120}.sock"
+    done = criproxy("serve", "--listen", url, "--runtime-endpoint", f"unix://{sockdir}/runtime.sock")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"criproxy: --listen {url!r}: the socket path is ")
+    assert "Traceback" not in done.stderr and "use at most 95" in done.stderr
+
+
 class Running:
     def __init__(self, proc: subprocess.Popen[str], socket: Path) -> None:
         self.proc = proc
@@ -140,4 +148,5 @@ def test_second_serve_on_a_live_socket_refuses_and_leaves_the_first(served: Runn
     assert "another server is answering on this socket" in done.stderr
     assert os.lstat(served.socket).st_ino == inode
     with grpc.insecure_channel(served.target) as chan:
-        assert chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) is not None
+        assert chan.unary_unary("/runtime.v1.RuntimeService/Version")(b"", timeout=5) == (
+            b'\n\x050.1.0\x12\x0cfake-runtime\x1a\x051.2.3"\x02v1')  # the fake's VERSION_REPLY

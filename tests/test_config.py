@@ -132,3 +132,55 @@ def test_autodetect_with_nothing_answering_says_what_it_tried(monkeypatch: pytes
 def test_well_known_order_is_containerd_then_crio() -> None:
     assert endpoints.WELL_KNOWN_RUNTIME_ENDPOINTS == (
         "unix:///run/containerd/containerd.sock", "unix:///run/crio/crio.sock")
+
+
+@pytest.mark.parametrize("text", ["off", "false", "'off'", "none", "Off", "no"])
+def test_metrics_address_off_in_the_file_disables_it(tmp_path: Path, text: str) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text(f"metrics-address: {text}\n")
+    assert build_config({}, file).metrics_address is None
+    assert build_config({"metrics-address": "off"}, None).metrics_address is None
+
+
+def test_metrics_address_true_in_the_file_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("metrics-address: on\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config({}, file)
+    assert str(caught.value) == (f"config file {file}: metrics-address: expected HOST:PORT such as 127.0.0.1:9808 "
+                                 "(or off), got True")
+
+
+def long_path(length: int) -> str:
+    path = "/tmp/" + "d" * 50 + "/"
+    return path + "s" * (length - len(path))
+
+
+@pytest.mark.parametrize("key", ["runtime-endpoint", "image-endpoint"])
+def test_a_socket_path_longer_than_the_kernel_allows_is_refused(key: str, tmp_path: Path) -> None:
+    assert build_config({key: "unix://" + long_path(107)}, None)  # the limit itself is fine
+    url = "unix://" + long_path(108)
+    with pytest.raises(ConfigError) as caught:
+        build_config({key: url}, None)
+    assert str(caught.value) == (f"--{key} {url!r}: the socket path is 108 bytes long; the kernel allows at most "
+                                 "107 bytes in a unix socket path")
+    file = tmp_path / "c.yaml"
+    file.write_text(f"{key}: {url}\n")
+    with pytest.raises(ConfigError, match=f"config file {file}: {key} .*108 bytes long"):
+        build_config({}, file)
+
+
+def test_a_listen_path_leaves_room_for_the_temporary_socket_beside_it() -> None:
+    assert build_config({"listen": "unix://" + long_path(95)}, None)
+    url = "unix://" + long_path(96)
+    with pytest.raises(ConfigError) as caught:
+        build_config({"listen": url}, None)
+    assert str(caught.value) == (f"--listen {url!r}: the socket path is 96 bytes long; the kernel allows at most "
+                                 "107 bytes in a unix socket path, and the proxy first binds PATH.<pid>.tmp beside "
+                                 "it (12 bytes more): use at most 95")
+
+
+def test_a_multibyte_socket_path_counts_bytes() -> None:
+    url = "unix://" + long_path(105)[:-5] + "\u00e9" * 5  # 100 + 10 bytes, 105 characters
+    with pytest.raises(ConfigError, match="110 bytes long"):
+        build_config({"runtime-endpoint": url}, None)

@@ -28,11 +28,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from criproxy._native import DataPlane
 from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry
 
 import criproxy
+from criproxy._native import DataPlane
 from criproxy.config import build_config
 from criproxy.metrics import prometheus as metrics_module
 from criproxy.metrics.prometheus import PrometheusMetrics

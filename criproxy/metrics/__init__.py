@@ -1,7 +1,8 @@
 """What the proxy reports about itself, behind one small interface with a no-op default.
 
-The core (relay, pipeline, upstream, policy store) calls these methods; it never imports a
-metrics library. `criproxy serve` passes a PrometheusMetrics (criproxy.metrics.prometheus)
+The core (the transport's seam, pipeline, upstream, policy store) calls these methods; it never
+imports a metrics library. Per-call series are counted by the data plane itself (lock-free, in
+Rust) and served by criproxy.metrics.native. `criproxy serve` passes a PrometheusMetrics (criproxy.metrics.prometheus)
 when --metrics-address is set; tests can pass their own recorder.
 """
 
@@ -11,18 +12,6 @@ from typing import Protocol
 
 
 class Metrics(Protocol):
-    def call_started(self, method: str) -> None:
-        """A call of `method` (a version-neutral key such as 'RuntimeService/Version', or 'other') began."""
-
-    def call_finished(self, method: str, code: str, seconds: float, runtime_seconds: float) -> None:
-        """It ended with gRPC status `code` after `seconds`, of which `runtime_seconds` waiting on the runtime."""
-
-    def stream_started(self, method: str) -> None: ...
-
-    def stream_message(self, method: str) -> None: ...
-
-    def stream_finished(self, method: str) -> None: ...
-
     def decision(self, interceptor: str, rule: str, action: str, setting: str) -> None: ...
 
     def policy_loaded(self, ok: bool, identity: str) -> None:
@@ -32,24 +21,18 @@ class Metrics(Protocol):
 
     def runtime_api(self, role: str, apis: frozenset[str]) -> None: ...
 
+    def log_records_dropped(self, log: str, count: int) -> None:
+        """`count` more records of `log` ('main' or 'decisions') were dropped: its writer fell behind."""
+
+    def background_task_failed(self, task: str) -> None:
+        """The supervised background task `task` failed (and is being restarted)."""
+
+    def internal_error(self, where: str) -> None:
+        """Something failed inside the proxy at `where` (e.g. 'after': observing an answer)."""
+
 
 class NoMetrics:
     """Reports nothing, costs (almost) nothing."""
-
-    def call_started(self, method: str) -> None:
-        return None
-
-    def call_finished(self, method: str, code: str, seconds: float, runtime_seconds: float) -> None:
-        return None
-
-    def stream_started(self, method: str) -> None:
-        return None
-
-    def stream_message(self, method: str) -> None:
-        return None
-
-    def stream_finished(self, method: str) -> None:
-        return None
 
     def decision(self, interceptor: str, rule: str, action: str, setting: str) -> None:
         return None
@@ -61,4 +44,13 @@ class NoMetrics:
         return None
 
     def runtime_api(self, role: str, apis: frozenset[str]) -> None:
+        return None
+
+    def log_records_dropped(self, log: str, count: int) -> None:
+        return None
+
+    def background_task_failed(self, task: str) -> None:
+        return None
+
+    def internal_error(self, where: str) -> None:
         return None

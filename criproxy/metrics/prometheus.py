@@ -1,6 +1,7 @@
 """Prometheus metrics for criproxy, and the HTTP endpoint that serves them with /healthz and /readyz.
 
-Series (all prefixed criproxy_, base units, never a pod name, uid or container id as a label):
+Series (all prefixed criproxy_, base units, never a pod name, uid or container id as a label; the
+per-call ones, calls to stream messages, are counted by the data plane: criproxy.metrics.native):
 
 | series | type | labels | meaning |
 | --- | --- | --- | --- |
@@ -18,6 +19,10 @@ Series (all prefixed criproxy_, base units, never a pod name, uid or container i
 | criproxy_runtime_up | gauge | role | 1 when the runtime (or image) endpoint is connected |
 | criproxy_runtime_reconnects_total | counter | role | times the endpoint came back |
 | criproxy_runtime_cri_api_info | gauge | role, api | 1 for each CRI API the endpoint speaks |
+| criproxy_log_records_dropped_total | counter | log | log lines dropped (main, decisions): the writer fell behind |
+| criproxy_background_task_failures_total | counter | task | unexpected failures of a background task (restarted) |
+| criproxy_internal_errors_total | counter | where | failures inside the proxy (after: observing a sent answer) |
+| criproxy_observations_dropped_total | counter | | answers to intercepted calls the pipeline could not be told of |
 
 `method` is a version-neutral CRI method ('RuntimeService/Version') or 'other' for paths the
 CRI table does not know (their names are chosen by callers: no unbounded label values).
@@ -25,6 +30,7 @@ CRI table does not know (their names are chosen by callers: no unbounded label v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -34,13 +40,11 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, make_wsgi_app
+
+from criproxy.metrics.native import NativeCallCollector
 
 log = logging.getLogger(__name__)
-
-#: From 0.5 ms (a passthrough call) to 2 minutes (a slow image pull or a hung runtime).
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
 
 class PrometheusMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -48,18 +52,6 @@ class PrometheusMetrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry
         r = registry
-        self.calls = Counter("criproxy_calls", "CRI calls finished, by gRPC status code", ["method", "code"],
-                             registry=r)
-        self.in_flight = Gauge("criproxy_calls_in_flight", "CRI calls being served now", ["method"], registry=r)
-        self.duration = Histogram("criproxy_call_duration_seconds", "Whole CRI call, as the caller sees it",
-                                  ["method", "code"], buckets=BUCKETS, registry=r)
-        self.runtime = Histogram("criproxy_runtime_duration_seconds", "Time a call waited on the runtime",
-                                 ["method"], buckets=BUCKETS, registry=r)
-        self.proxy = Histogram("criproxy_proxy_duration_seconds", "Time the proxy added to a call",
-                               ["method"], buckets=BUCKETS, registry=r)
-        self.streams = Gauge("criproxy_streams_active", "Server streams open now", ["method"], registry=r)
-        self.stream_messages = Counter("criproxy_stream_messages", "Messages relayed on server streams", ["method"],
-                                       registry=r)
         self.decisions = Counter("criproxy_decisions", "Interceptor and policy decisions",
                                  ["interceptor", "rule", "action", "setting"], registry=r)
         self.reloads = Counter("criproxy_policy_reloads", "Policy loads by result", ["result"], registry=r)
@@ -71,46 +63,23 @@ class PrometheusMetrics:
                                   registry=r)
         self.api_info = Gauge("criproxy_runtime_cri_api_info", "1 for each CRI API the endpoint speaks",
                               ["role", "api"], registry=r)
-        # Children by label values, made once: .labels() costs more than the observation itself.
-        self._per_method: dict[str, tuple[Any, Any, Any]] = {}
-        self._per_code: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.log_drops = Counter("criproxy_log_records_dropped", "Log records dropped: their writer fell behind",
+                                 ["log"], registry=r)
+        for log_name in ("main", "decisions"):
+            self.log_drops.labels(log_name)
+        self.task_failures = Counter("criproxy_background_task_failures",
+                                     "Unexpected failures of a supervised background task", ["task"], registry=r)
+        self.internal_errors = Counter("criproxy_internal_errors", "Failures inside the proxy, by where they "
+                                       "happened (after: observing an answer the caller already has)", ["where"],
+                                       registry=r)
         self._connected: dict[str, bool] = {}
-        self._stream_children: dict[str, Any] = {}
 
-    def _method(self, method: str) -> tuple[Any, Any, Any]:
-        children = self._per_method.get(method)
-        if children is None:
-            children = (self.in_flight.labels(method), self.runtime.labels(method), self.proxy.labels(method))
-            self._per_method[method] = children
-        return children
+    def count_calls(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        """Serve the data plane's per-call series (criproxy.metrics.native) from this registry."""
+        self.registry.register(NativeCallCollector(snapshot))
 
-    def call_started(self, method: str) -> None:
-        self._method(method)[0].inc()
-
-    def call_finished(self, method: str, code: str, seconds: float, runtime_seconds: float) -> None:
-        in_flight, runtime, proxy = self._method(method)
-        in_flight.dec()
-        per_code = self._per_code.get((method, code))
-        if per_code is None:
-            per_code = self._per_code[(method, code)] = (self.calls.labels(method, code),
-                                                         self.duration.labels(method, code))
-        per_code[0].inc()
-        per_code[1].observe(seconds)
-        if runtime_seconds > 0:
-            runtime.observe(runtime_seconds)
-        proxy.observe(max(0.0, seconds - runtime_seconds))
-
-    def stream_started(self, method: str) -> None:
-        self.streams.labels(method).inc()
-
-    def stream_message(self, method: str) -> None:  # once per relayed message: the child is cached
-        child = self._stream_children.get(method)
-        if child is None:
-            child = self._stream_children[method] = self.stream_messages.labels(method)
-        child.inc()
-
-    def stream_finished(self, method: str) -> None:
-        self.streams.labels(method).dec()
+    def internal_error(self, where: str) -> None:
+        self.internal_errors.labels(where).inc()
 
     def decision(self, interceptor: str, rule: str, action: str, setting: str) -> None:
         self.decisions.labels(interceptor, rule, action, setting).inc()
@@ -133,6 +102,12 @@ class PrometheusMetrics:
         for api in ("v1", "v1alpha2"):
             self.api_info.labels(role, api).set(1 if api in apis else 0)
 
+    def log_records_dropped(self, log: str, count: int) -> None:
+        self.log_drops.labels(log).inc(count)
+
+    def background_task_failed(self, task: str) -> None:
+        self.task_failures.labels(task).inc()
+
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
@@ -140,9 +115,21 @@ class _Server(ThreadingMixIn, WSGIServer):
 
     def server_bind(self) -> None:
         # An upgrade (serve --takeover) starts the new proxy while the old one still holds the port;
-        # both may listen on it until the old one exits (Linux allows this to the same user only).
+        # both listen on it until the old one exits (Linux allows this to the same user only, and only
+        # when both sockets have SO_REUSEPORT: so every proxy's socket has it). Who may share is decided
+        # before the bind (HttpEndpoint): only a --takeover successor.
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+
+def refuse_if_in_use(host: str, port: int) -> None:
+    """OSError (EADDRINUSE) when something listens on host:port: a bind without SO_REUSEPORT conflicts
+    with every listener, a criproxy's included."""
+    if port == 0:
+        return
+    with socket.socket(_Server.address_family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no user
+        probe.bind((host, port))
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -175,12 +162,23 @@ def health_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]
 
 
 class HttpEndpoint:
-    """The metrics and health HTTP server, on its own thread (scrapes never wait on the event loop)."""
+    """The metrics and health HTTP server, on its own thread (scrapes never wait on the event loop).
 
-    def __init__(self, host: str, port: int, app: Wsgi) -> None:
+    The port is shared with another listener only when `share` (serve --takeover: the proxy being
+    replaced still holds it); otherwise a port in use is an OSError. stop() returns at once: it wakes
+    the accept loop by shutting the listening socket down (no poll interval to wait out) and frees the
+    port; requests already accepted finish on their own threads."""
+
+    #: The accept loop's poll interval: only a backstop, stop() wakes it at once.
+    POLL_S = 0.05
+
+    def __init__(self, host: str, port: int, app: Wsgi, *, share: bool = False) -> None:
+        if not share:
+            refuse_if_in_use(host, port)
         self.server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
         self.port = self.server.server_port
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(self.POLL_S,), name="metrics-http",
+                                       daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -188,5 +186,8 @@ class HttpEndpoint:
                  self.port)
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.thread.is_alive():
+            with contextlib.suppress(OSError):
+                self.server.socket.shutdown(socket.SHUT_RDWR)  # wakes the select() in serve_forever now
+            self.server.shutdown()
         self.server.server_close()
