@@ -28,14 +28,14 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import CREATE_CONTAINER, CallContext
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import CREATE_CONTAINER, CallContext
 from criproxy.interceptors import build_interceptors
 from criproxy.pipeline import Pipeline
+from criproxy.pipeline.index import pod_info
 from criproxy.policies.engine import AnnotationPolicy
 from criproxy.policies.model import parse_policy
-from criproxy.state import pod_info
 
 ANNOTATIONS = {
     "memory-limit.criproxy.io/container.app": "512Mi",

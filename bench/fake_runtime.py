@@ -41,7 +41,7 @@ import grpc
 import grpc.aio
 
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.methods import METHODS
+from criproxy.cri.methods import METHODS
 
 MESSAGES_METADATA = "x-bench-messages"
 #: Seconds between stream messages (bench/soak.py keeps long-lived, mostly idle event streams open).

@@ -27,10 +27,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from criproxy.adjust import Adjustment, apply_change
-from criproxy.annotations import POD, Found, Lookup
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import (
+from criproxy.cri.adjust import Adjustment, apply_change
+from criproxy.cri.annotations import POD, Found, Lookup
+from criproxy.cri.context import (
     CREATE_CONTAINER,
     RUN_POD_SANDBOX,
     UPDATE_CONTAINER_RESOURCES,
@@ -38,6 +38,7 @@ from criproxy.context import (
     PodInfo,
     RuntimeFacts,
 )
+from criproxy.cri.quantity import QuantityError, parse_bytes, parse_quantity
 from criproxy.interceptors.base import InvalidAnnotation
 from criproxy.interceptors.resources import (
     MAX_CPU_ID,
@@ -56,7 +57,6 @@ from criproxy.interceptors.runtime_handler import RuntimeHandlerConfig, RuntimeH
 from criproxy.interceptors.seccomp import SeccompConfig, SeccompInterceptor, parse_profile
 from criproxy.policies.model import PolicySet, check_policy, parse_policy
 from criproxy.policies.source import Document, SourceError, load
-from criproxy.quantity import QuantityError, parse_bytes, parse_quantity
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_POLICY = ROOT / "policies.yaml"

@@ -20,7 +20,7 @@ from typing import TextIO
 from criproxy import __version__
 from criproxy.config import SETTINGS, build_config
 from criproxy.errors import ConfigError
-from criproxy.logqueue import DEFAULT_CAPACITY, BackgroundLog
+from criproxy.observe.logqueue import DEFAULT_CAPACITY, BackgroundLog
 
 DESCRIPTION = """\
 criproxy sits between the kubelet and the container runtime (containerd, CRI-O) on the
@@ -81,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from criproxy.server import serve
-    from criproxy.tuning import tune_process
+    from criproxy.transport.tuning import tune_process
 
     flags = {s.key: getattr(args, s.attr) for s in SETTINGS}
     config = replace(build_config(flags, args.config), takeover=args.takeover)
     main_log = configure_logging(config.log_level)
     try:
-        tune_process()  # glibc malloc: large CRI messages without page faults (criproxy/tuning.py)
+        tune_process()  # glibc malloc: large CRI messages without page faults (criproxy/transport/tuning.py)
         asyncio.run(serve(config))
     finally:
         main_log.stop()  # write out what was logged before the stop
@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def configure_logging(level: str, *, stream: TextIO | None = None,
                       capacity: int = DEFAULT_CAPACITY) -> BackgroundLog:
-    """The main log of `criproxy serve`: lines go to stderr from a background thread (criproxy.logqueue),
+    """The main log of `criproxy serve`: lines go to stderr from a background thread (criproxy.observe.logqueue),
     so a stalled stderr never stalls a call; past `capacity` waiting lines, lines are dropped and counted."""
     destination = logging.StreamHandler(sys.stderr if stream is None else stream)
     destination.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -138,7 +138,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from criproxy.annotations import Lookup
+    from criproxy.cri.annotations import Lookup
     from criproxy.explain import explain_pod, load_manifest, render_json, render_text
     from criproxy.pipeline import Pipeline
     from criproxy.policies.store import load_policy

@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from criproxy.annotations import DEFAULT_DOMAIN, Lookup, annotation_key_problem
-from criproxy.endpoints import Endpoint, parse_endpoint
+from criproxy.cri.annotations import DEFAULT_DOMAIN, Lookup, annotation_key_problem
 from criproxy.errors import ConfigError
 from criproxy.interceptors import BUILTIN, Interceptor, build_interceptors
-from criproxy.sockets import TEMPORARY_SUFFIX_BYTES
-from criproxy.state import DEFAULT_MAX_ENTRIES
+from criproxy.pipeline.index import DEFAULT_MAX_ENTRIES
+from criproxy.transport.endpoints import Endpoint, parse_endpoint
+from criproxy.transport.sockets import TEMPORARY_SUFFIX_BYTES
 
 MiB = 1024 * 1024
 #: The kubelet's own message limit; the proxy must carry at least what the kubelet accepts.
@@ -78,7 +78,7 @@ def _endpoint(value: Any, where: str) -> Endpoint:
     return parse_endpoint(_string(value, where), what=where)
 
 
-#: --listen binds PATH.<pid>.tmp first and renames it over PATH (criproxy.sockets): both must fit.
+#: --listen binds PATH.<pid>.tmp first and renames it over PATH (criproxy.transport.sockets): both must fit.
 _LISTEN_RESERVE = (TEMPORARY_SUFFIX_BYTES, "the proxy first binds PATH.<pid>.tmp beside it")
 
 

@@ -19,14 +19,14 @@ from typing import Any
 import yaml
 from google.protobuf.message import Message
 
-from criproxy.adjust import apply_change, read_field
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.adjust import apply_change, read_field
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.quantity import QuantityError, parse_quantity
 from criproxy.errors import ConfigError, CriProxyError
 from criproxy.interceptors.resources import hugepage_size
 from criproxy.pipeline import Pipeline
-from criproxy.quantity import QuantityError, parse_quantity
-from criproxy.state import pod_info
+from criproxy.pipeline.index import pod_info
 
 #: Workload kinds and where their pod template sits.
 TEMPLATES: dict[str, tuple[str, ...]] = {

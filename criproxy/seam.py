@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from google.protobuf.message import Message
 
-from criproxy.methods import Method
+from criproxy.cri.methods import Method
 
 Metadata = Sequence[tuple[str, str | bytes]]
 

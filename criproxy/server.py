@@ -18,25 +18,25 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from criproxy import __version__
-from criproxy.annotations import Lookup
 from criproxy.config import STDERR, ServeConfig
-from criproxy.decisionlog import DecisionLog
-from criproxy.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
+from criproxy.cri.annotations import Lookup
 from criproxy.errors import ConfigError
-from criproxy.logqueue import background_logs
 from criproxy.metrics import Metrics, NoMetrics
 from criproxy.metrics.prometheus import HttpEndpoint, PrometheusMetrics, health_app
+from criproxy.observe.decisionlog import DecisionLog
+from criproxy.observe.logqueue import background_logs
+from criproxy.observe.tracing import Tracing, observe_call, record_decisions, tracing_from_env
 from criproxy.pipeline import DecisionSink, Pipeline, all_of, log_decisions, metrics_sink
+from criproxy.pipeline.index import ContainerIndex
 from criproxy.policies import Policy
 from criproxy.policies.store import PolicyStore
-from criproxy.sdnotify import notify
 from criproxy.seam import Hooks, NoHooks
-from criproxy.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
-from criproxy.state import ContainerIndex
 from criproxy.supervise import Supervisor
-from criproxy.tracing import Tracing, observe_call, record_decisions, tracing_from_env
+from criproxy.transport.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint, parse_endpoint
 from criproxy.transport.plane import NativePlane, PlaneSettings
-from criproxy.upstream import Upstream, call_typed
+from criproxy.transport.sdnotify import notify
+from criproxy.transport.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
+from criproxy.transport.upstream import Upstream, call_typed
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def build_observability(config: ServeConfig, registry: CollectorRegistry | None,
     metrics: Metrics = NoMetrics()
     if config.metrics_address is not None or registry is not None:
         metrics = PrometheusMetrics(registry if registry is not None else CollectorRegistry())
-    # Log records dropped because their writer fell behind (criproxy.logqueue) are counted.
+    # Log records dropped because their writer fell behind (criproxy.observe.logqueue) are counted.
     for background in background_logs(logging.getLogger()):
         background.on_drop = metrics.log_records_dropped
     if decision_log is not None:

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from criproxy.config import ServeConfig, build_config
-from criproxy.endpoints import parse_endpoint
 from criproxy.server import Proxy, start_proxy
+from criproxy.transport.endpoints import parse_endpoint
 from tests.support.fakeruntime import FakeRuntime
 from tests.support.loopthread import LoopThread
 

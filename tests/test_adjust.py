@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from google.protobuf.message import Message
 
-from criproxy.adjust import NOTHING, Adjustment, Change, Denial, apply_change, provenance, read_field
 from criproxy.api.runtime.v1 import api_pb2
+from criproxy.cri.adjust import NOTHING, Adjustment, Change, Denial, apply_change, provenance, read_field
 
 SECCOMP = "config.linux.security_context.seccomp"
 RES = "config.linux.resources."

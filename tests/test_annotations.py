@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from criproxy.annotations import CONTAINER, DEFAULT_DOMAIN, POD, Found, Lookup, annotation_key_problem, setting_of
+from criproxy.cri.annotations import CONTAINER, DEFAULT_DOMAIN, POD, Found, Lookup, annotation_key_problem, setting_of
 
 DOCUMENTED_SETTINGS = ("runtime-handler", "seccomp-profile", "cpu-quota", "cpu-period", "cpu-shares", "cpuset-cpus",
                        "cpuset-mems", "memory-limit", "memory-swap", "hugepages-2mi", "hugepages-1gi", "oom-score-adj",

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from criproxy import endpoints, server
+from criproxy import server
 from criproxy.config import DEFAULT_MAX_MESSAGE_BYTES, build_config
-from criproxy.endpoints import parse_endpoint
 from criproxy.errors import ConfigError
+from criproxy.transport import endpoints
+from criproxy.transport.endpoints import parse_endpoint
 
 
 def flags(**values: object) -> dict[str, object]:

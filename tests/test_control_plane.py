@@ -21,12 +21,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from criproxy.config import ServeConfig
-from criproxy.context import CREATE_CONTAINER, CallContext, PodInfo
-from criproxy.decisionlog import DecisionLog
-from criproxy.endpoints import parse_endpoint
+from criproxy.cri.context import CREATE_CONTAINER, CallContext, PodInfo
 from criproxy.errors import ConfigError
+from criproxy.observe.decisionlog import DecisionLog
 from criproxy.policies import Decision
 from criproxy.server import Proxy, start_proxy
+from criproxy.transport.endpoints import parse_endpoint
 from tests.conftest import config_with
 from tests.support.fakeruntime import FakeRuntime
 from tests.support.loopthread import LoopThread
@@ -145,7 +145,7 @@ def test_a_stalled_decision_log_never_blocks_a_call(tmp_path: Path) -> None:
 def test_decision_log_writes_everything_before_close_and_drops_are_metrics(loop: LoopThread, fake: FakeRuntime,
                                                                              proxy_config: ServeConfig,
                                                                              tmp_path: Path) -> None:
-    from criproxy.logqueue import DEFAULT_CAPACITY
+    from criproxy.observe.logqueue import DEFAULT_CAPACITY
     from criproxy.server import build_observability
 
     config = config_with(proxy_config, decision_log=tmp_path / "d.log", metrics_address=("127.0.0.1", 0))
@@ -289,9 +289,9 @@ def test_a_takeover_shares_the_metrics_port_with_the_proxy_it_replaces(loop: Loo
 def test_a_runtime_that_does_not_answer_is_said_at_start_and_until_it_answers(
         loop: LoopThread, proxy_config: ServeConfig, sockdir: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import criproxy.upstream
+    import criproxy.transport.upstream
 
-    monkeypatch.setattr(criproxy.upstream, "NOT_ANSWERING_REPEAT_S", 1.0)
+    monkeypatch.setattr(criproxy.transport.upstream, "NOT_ANSWERING_REPEAT_S", 1.0)
     caplog.set_level(logging.INFO, logger="criproxy")
     hint = f"runtime endpoint unix://{sockdir}/runtime.sock is not answering (is the runtime running?)"
 

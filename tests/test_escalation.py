@@ -21,7 +21,7 @@ import pytest
 
 from bench.fuzz_targets import REPO_POLICY, make_profile_root
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX
 from criproxy.server import Proxy
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread

@@ -12,7 +12,7 @@ import pytest
 
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig
-from criproxy.methods import METHODS
+from criproxy.cri.methods import METHODS
 from criproxy.server import Proxy, start_proxy
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread

@@ -72,10 +72,10 @@ from bench.fuzz_targets import (
     truncate,
     unexpected,
 )
-from criproxy.annotations import POD, Found, Lookup
 from criproxy.api.runtime.v1.api_pb2 import PodSandboxMetadata
 from criproxy.config import build_config
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, UPDATE_CONTAINER_RESOURCES, CallContext, PodInfo
+from criproxy.cri.annotations import POD, Found, Lookup
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, UPDATE_CONTAINER_RESOURCES, CallContext, PodInfo
 from criproxy.interceptors.base import InvalidAnnotation
 from criproxy.interceptors.resources import parse_cpu_period, parse_cpu_shares, parse_oom_score_adj
 from criproxy.policies.model import parse_policy

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from criproxy.annotations import Lookup, annotation_key_problem
 from criproxy.config import ServeConfig, build_config
+from criproxy.cri.annotations import Lookup, annotation_key_problem
 from criproxy.errors import ConfigError
 from criproxy.interceptors.resources import ResourcesConfig
 from criproxy.interceptors.runtime_handler import RuntimeHandlerConfig
@@ -154,7 +154,7 @@ def test_unknown_key_in_a_section_names_file_and_section(file: Path, text: str, 
 _PROBE = """
 import sys
 from criproxy.interceptors import BUILTIN
-from criproxy.annotations import Lookup
+from criproxy.cri.annotations import Lookup
 for name in BUILTIN:
     try:
         BUILTIN[name]({"x": 1}, name, Lookup())

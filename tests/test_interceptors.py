@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import pytest
 
-from criproxy.adjust import NOTHING, Adjustment, Change, Denial
-from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import (
+from criproxy.cri.adjust import NOTHING, Adjustment, Change, Denial
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import (
     CREATE_CONTAINER,
     RUN_POD_SANDBOX,
     UPDATE_CONTAINER_RESOURCES,

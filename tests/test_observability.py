@@ -240,7 +240,7 @@ def test_metrics_address_in_use_is_a_clear_error(loop: LoopThread, fake: FakeRun
 def test_a_sampler_that_samples_nothing_costs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from criproxy.tracing import tracing_from_env
+    from criproxy.observe.tracing import tracing_from_env
 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")  # the SDK reads the sampler from the environment

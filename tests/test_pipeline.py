@@ -10,18 +10,18 @@ from typing import Any
 import grpc
 import pytest
 
-from criproxy.adjust import Adjustment, Change
-from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext, RuntimeFacts
+from criproxy.cri.adjust import Adjustment, Change
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext, RuntimeFacts
 from criproxy.errors import FailedPrecondition, Internal
 from criproxy.interceptors import build_interceptors
 from criproxy.pipeline import Pipeline
+from criproxy.pipeline.index import pod_info
 from criproxy.policies.engine import AnnotationPolicy
 from criproxy.policies.model import parse_policy
 from criproxy.server import Proxy, start_proxy
-from criproxy.state import pod_info
 from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread
 from tests.support.pods import wait_for

@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 import pytest
 
-from criproxy.adjust import NOTHING, Adjustment
-from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig, build_config
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.adjust import NOTHING, Adjustment
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
 from criproxy.pipeline import Pipeline
 from criproxy.policies.engine import AnnotationPolicy
 from criproxy.policies.model import parse_policy

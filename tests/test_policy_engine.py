@@ -10,17 +10,17 @@ from collections.abc import Mapping
 import grpc
 import pytest
 
-from criproxy.adjust import Change
-from criproxy.annotations import Lookup
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.adjust import Change
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
 from criproxy.interceptors import Interceptor
 from criproxy.interceptors.seccomp import SeccompConfig, SeccompInterceptor
 from criproxy.pipeline import Outcome, Pipeline
+from criproxy.pipeline.index import pod_info
 from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review
 from criproxy.policies.engine import SECCOMP_FIELD, AnnotationPolicy, effective_value, pinned_annotations
 from criproxy.policies.model import FailurePolicy, parse_policy
-from criproxy.state import pod_info
 
 FILE = "p.yaml"
 HEADER = "apiVersion: criproxy.io/v1alpha1\nkind: AnnotationPolicy\n"

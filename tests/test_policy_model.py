@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from criproxy.context import PodInfo
+from criproxy.cri.context import PodInfo
 from criproxy.policies.model import (
     DEFAULT_TIMEOUT_S,
     FailurePolicy,

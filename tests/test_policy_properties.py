@@ -21,19 +21,19 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from criproxy.adjust import Change
-from criproxy.annotations import EFFECTIVE_SETTINGS, SETTING_FAMILIES, SETTING_KINDS, Lookup, setting_kind
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext, RuntimeFacts
+from criproxy.cri.adjust import Change
+from criproxy.cri.annotations import EFFECTIVE_SETTINGS, SETTING_FAMILIES, SETTING_KINDS, Lookup, setting_kind
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext, RuntimeFacts
+from criproxy.cri.quantity import parse_quantity
 from criproxy.errors import CriProxyError, Internal
 from criproxy.interceptors import build_interceptors
 from criproxy.pipeline import Pipeline
+from criproxy.pipeline.index import pod_info
 from criproxy.policies import Review
 from criproxy.policies.engine import SECCOMP_FIELD, AnnotationPolicy
 from criproxy.policies.model import API_VERSION, DRIFT, KIND, MODES, ON_ERROR, PolicySet, parse_policy
 from criproxy.policies.source import SourceError
-from criproxy.quantity import parse_quantity
-from criproxy.state import pod_info
 
 FILE = "generated.yaml"
 LOOKUP = Lookup()

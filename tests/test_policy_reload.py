@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import criproxy.policies.store as store_module
-from criproxy.annotations import Lookup
+from criproxy.cri.annotations import Lookup
 from criproxy.policies.store import PolicyStore
 from criproxy.server import Proxy
 from tests.support.loopthread import LoopThread

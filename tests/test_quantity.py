@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from criproxy.quantity import MAX_LENGTH, QuantityError, parse_bytes, parse_quantity
+from criproxy.cri.quantity import MAX_LENGTH, QuantityError, parse_bytes, parse_quantity
 
 NOT_A_QUANTITY = "is not a Kubernetes quantity (e.g. 500m, 2, 1.5, 512Mi, 2Gi, 1e3)"
 

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from criproxy.config import ServeConfig
-from criproxy.endpoints import parse_endpoint
 from criproxy.errors import ConfigError
 from criproxy.server import start_proxy
+from criproxy.transport.endpoints import parse_endpoint
 from tests.conftest import config_with
 from tests.support.fakeruntime import FakeRuntime
 from tests.support.loopthread import LoopThread

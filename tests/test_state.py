@@ -12,8 +12,8 @@ import pytest
 from google.protobuf.message import Message
 
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import PodInfo
-from criproxy.state import ContainerIndex, ContainerInfo
+from criproxy.cri.context import PodInfo
+from criproxy.pipeline.index import ContainerIndex, ContainerInfo
 
 
 def pod(name: str) -> PodInfo:
@@ -39,7 +39,7 @@ def test_container_lookups_refresh_so_the_least_recently_used_goes() -> None:
 
 
 def test_evictions_are_counted_by_table_and_reported(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="criproxy.state")
+    caplog.set_level(logging.DEBUG, logger="criproxy.pipeline.index")
     evicted: list[tuple[str, str]] = []
     index = ContainerIndex(max_entries=1, on_evict=lambda kind, key: evicted.append((kind, key)))
     index.add_sandbox("a", pod("a"))
@@ -54,7 +54,7 @@ def test_evictions_are_counted_by_table_and_reported(caplog: pytest.LogCaptureFi
 
 
 def test_a_full_index_warns_rarely(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="criproxy.state")
+    caplog.set_level(logging.WARNING, logger="criproxy.pipeline.index")
     index = ContainerIndex(max_entries=1)
     for i in range(1200):
         index.add_sandbox(f"s{i}", pod(f"s{i}"))

@@ -1,4 +1,4 @@
-"""criproxy.tuning: the malloc settings apply under glibc, and an operator's own choice wins."""
+"""criproxy.transport.tuning: the malloc settings apply under glibc, and an operator's own choice wins."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from criproxy import tuning
+from criproxy.transport import tuning
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def tuning_log(extra_env: dict[str, str]) -> str:
     """What tune_process logs in a fresh interpreter (the effect on page faults is bench/forwarding.py's)."""
     code = ("import logging, sys\n"
             "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format='%(message)s')\n"
-            "from criproxy.tuning import tune_process\n"
+            "from criproxy.transport.tuning import tune_process\n"
             "tune_process()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin", **extra_env}, check=True)

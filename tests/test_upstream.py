@@ -155,7 +155,7 @@ def test_separate_image_endpoint_gets_image_calls(loop: LoopThread, sockdir: Pat
                                                    proxy_config: ServeConfig) -> None:
     images = FakeRuntime()
     loop.run(images.start(str(sockdir / "images.sock")))
-    from criproxy.endpoints import parse_endpoint
+    from criproxy.transport.endpoints import parse_endpoint
     from tests.conftest import config_with
 
     config = config_with(proxy_config, image_endpoint=parse_endpoint(f"unix://{sockdir}/images.sock", what="t"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from criproxy.annotations import Lookup
-from criproxy.context import EVENTS
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import EVENTS
 from criproxy.errors import ConfigError
 from criproxy.interceptors.base import Interceptor, InvalidAnnotation
 from criproxy.interceptors.resources import ResourcesConfig, ResourcesInterceptor

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from criproxy.adjust import Adjustment
-from criproxy.annotations import quote
-from criproxy.context import CallContext
+from criproxy.cri.adjust import Adjustment
+from criproxy.cri.annotations import quote
+from criproxy.cri.context import CallContext
 
 
 class InvalidAnnotation(ValueError):
@@ -26,7 +26,7 @@ class Interceptor(Protocol):
 
     #: The name used in the config file's `interceptors:` list and in provenance.
     name: str
-    #: The CRI events (criproxy.context.EVENTS) this interceptor wants to see.
+    #: The CRI events (criproxy.cri.context.EVENTS) this interceptor wants to see.
     events: frozenset[str]
 
     def adjust(self, ctx: CallContext) -> Adjustment:

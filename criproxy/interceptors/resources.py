@@ -37,12 +37,12 @@ from typing import Any
 
 import grpc
 
-from criproxy.adjust import NOTHING, Adjustment, Change, Denial, message_at, read_field
-from criproxy.annotations import Found, Lookup, quote
-from criproxy.context import CREATE_CONTAINER, UPDATE_CONTAINER_RESOURCES, CallContext
+from criproxy.cri.adjust import NOTHING, Adjustment, Change, Denial, message_at, read_field
+from criproxy.cri.annotations import Found, Lookup, quote
+from criproxy.cri.context import CREATE_CONTAINER, UPDATE_CONTAINER_RESOURCES, CallContext
+from criproxy.cri.quantity import QuantityError, parse_bytes, parse_quantity
 from criproxy.interceptors.base import InvalidAnnotation
-from criproxy.options import Options
-from criproxy.quantity import QuantityError, parse_bytes, parse_quantity
+from criproxy.interceptors.options import Options
 
 BASES = {CREATE_CONTAINER: "config.linux.resources.", UPDATE_CONTAINER_RESOURCES: "linux."}
 DEFAULT_PERIOD_US = 100_000

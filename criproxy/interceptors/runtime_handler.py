@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from criproxy.adjust import NOTHING, Adjustment, Change, Denial
-from criproxy.annotations import Lookup
-from criproxy.context import RUN_POD_SANDBOX, CallContext
+from criproxy.cri.adjust import NOTHING, Adjustment, Change, Denial
+from criproxy.cri.annotations import Lookup
+from criproxy.cri.context import RUN_POD_SANDBOX, CallContext
 from criproxy.interceptors.base import InvalidAnnotation
-from criproxy.options import Options
+from criproxy.interceptors.options import Options
 
 SETTING = "runtime-handler"
 _HANDLER = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from criproxy.adjust import NOTHING, Adjustment, Change, read_field
-from criproxy.annotations import CONTAINER, POD, Found, Lookup
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.adjust import NOTHING, Adjustment, Change, read_field
+from criproxy.cri.annotations import CONTAINER, POD, Found, Lookup
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
 from criproxy.interceptors.base import InvalidAnnotation
-from criproxy.options import Options
+from criproxy.interceptors.options import Options
 
 SETTING = "seccomp-profile"
 FIELD = "config.linux.security_context.seccomp"

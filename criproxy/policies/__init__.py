@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from criproxy.adjust import Change, Denial
-from criproxy.context import CallContext
+from criproxy.cri.adjust import Change, Denial
+from criproxy.cri.context import CallContext
 from criproxy.policies.model import FailurePolicy
 
 APPLIED, DENIED, AUDITED, DRY_RUN, FAILED_OPEN = "applied", "denied", "audited", "dry-run", "failed-open"

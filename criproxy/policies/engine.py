@@ -22,9 +22,9 @@ from typing import Any
 
 import grpc
 
-from criproxy.adjust import Change, Denial, read_field
-from criproxy.annotations import Lookup, interceptor_of, quote, setting_of
-from criproxy.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.adjust import Change, Denial, read_field
+from criproxy.cri.annotations import Lookup, interceptor_of, quote, setting_of
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
 from criproxy.policies import APPLIED, AUDITED, DENIED, DRY_RUN, Decision, Review, change_reason
 from criproxy.policies.model import FailurePolicy, PolicySet, Rule
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from criproxy.annotations import EFFECTIVE_SETTINGS, SETTING_FAMILIES, SETTING_KINDS, setting_kind
-from criproxy.context import PodInfo
+from criproxy.cri.annotations import EFFECTIVE_SETTINGS, SETTING_FAMILIES, SETTING_KINDS, setting_kind
+from criproxy.cri.context import PodInfo
+from criproxy.cri.quantity import QuantityError, parse_quantity
 from criproxy.policies.source import Document, Path_, SourceError, load
-from criproxy.quantity import QuantityError, parse_quantity
 
 API_VERSION = "criproxy.io/v1alpha1"
 KIND = "AnnotationPolicy"

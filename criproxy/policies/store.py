@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from criproxy.annotations import Lookup
+from criproxy.cri.annotations import Lookup
 from criproxy.errors import ConfigError
 from criproxy.policies.engine import AnnotationPolicy
 from criproxy.policies.model import parse_policy

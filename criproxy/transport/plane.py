@@ -29,11 +29,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from criproxy._native import DataPlane, InterceptedCall
+from criproxy.cri.methods import API_VERSIONS, METHODS
 from criproxy.errors import CriProxyError
-from criproxy.methods import API_VERSIONS, METHODS
 from criproxy.metrics import Metrics
+from criproxy.observe.tracing import Tracing
 from criproxy.seam import Call, Hooks
-from criproxy.tracing import Tracing
 
 log = logging.getLogger(__name__)
 

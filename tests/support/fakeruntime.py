@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.methods import METHODS, V1ALPHA2_KEYS, parse_cri_path
+from criproxy.cri.methods import METHODS, V1ALPHA2_KEYS, parse_cri_path
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 

@@ -25,7 +25,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import PodInfo, RuntimeFacts
+from criproxy.cri.context import PodInfo, RuntimeFacts
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from google.protobuf.message import Message
 
 from criproxy import __version__
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.endpoints import Endpoint
-from criproxy.methods import API_VERSIONS, METHODS
+from criproxy.cri.methods import API_VERSIONS, METHODS
 from criproxy.supervise import Supervisor
+from criproxy.transport.endpoints import Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from criproxy.adjust import read_field
-from criproxy.context import CallContext
-from criproxy.logqueue import DEFAULT_CAPACITY, BackgroundLog, DropListener
+from criproxy.cri.adjust import read_field
+from criproxy.cri.context import CallContext
+from criproxy.observe.logqueue import DEFAULT_CAPACITY, BackgroundLog, DropListener
 from criproxy.policies import Decision
 
 
 class DecisionLog:
     """A decision sink (criproxy.pipeline.DecisionSink) writing JSON lines.
 
-    Lines are written, and the file rotated, by a background thread (criproxy.logqueue): a call
+    Lines are written, and the file rotated, by a background thread (criproxy.observe.logqueue): a call
     never waits for the disk. Past `capacity` waiting lines, lines are dropped and counted
     (`dropped`, and `on_drop`). The file and its rotations are created 0600: they name every pod
     and what it asked for, like the socket they are private to the node's administrator."""

@@ -34,7 +34,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from criproxy import __version__
-from criproxy.context import CallContext
+from criproxy.cri.context import CallContext
 from criproxy.errors import ConfigError
 from criproxy.policies import Decision
 

@@ -42,10 +42,10 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from criproxy.adjust import NOTHING, Adjustment, Change, Denial, apply_change, provenance, read_field
-from criproxy.annotations import Lookup, setting_of
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.context import (
+from criproxy.cri.adjust import NOTHING, Adjustment, Change, Denial, apply_change, provenance, read_field
+from criproxy.cri.annotations import Lookup, setting_of
+from criproxy.cri.context import (
     CREATE_CONTAINER,
     RUN_POD_SANDBOX,
     UPDATE_CONTAINER_RESOURCES,
@@ -62,11 +62,11 @@ from criproxy.errors import (
 )
 from criproxy.interceptors.base import Interceptor, InvalidAnnotation
 from criproxy.metrics import Metrics
+from criproxy.pipeline.index import Caller, ContainerIndex, ContainerInfo, discover_runtime_facts, pod_info
 from criproxy.policies import AUDITED, DENIED, DRY_RUN, FAILED_OPEN, AllowAll, Decision, Policy
 from criproxy.policies.engine import pinned_annotations
 from criproxy.policies.model import FailurePolicy
 from criproxy.seam import Call
-from criproxy.state import Caller, ContainerIndex, ContainerInfo, discover_runtime_facts, pod_info
 
 log = logging.getLogger(__name__)
 
