@@ -20,13 +20,11 @@ import yaml
 from google.protobuf.message import Message
 
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.cri.adjust import apply_change, read_field
-from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX, CallContext
+from criproxy.cri.context import CREATE_CONTAINER, RUN_POD_SANDBOX
 from criproxy.cri.quantity import QuantityError, parse_quantity
 from criproxy.errors import ConfigError, CriProxyError
 from criproxy.interceptors.resources import hugepage_size
 from criproxy.pipeline import Pipeline
-from criproxy.pipeline.index import pod_info
 
 #: Workload kinds and where their pod template sits.
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -175,10 +173,11 @@ class Explained:
 
 
 async def explain_pod(pod: Pod, pipeline: Pipeline) -> list[Explained]:
+    """Each call the kubelet would make for `pod`, decided and applied by the pipeline's own code."""
     out = []
     for method, container, request in pod_requests(pod):
-        s = request.sandbox_config if method == CREATE_CONTAINER else request.config  # type: ignore[attr-defined]
-        ctx = CallContext(method, pod_info(s.metadata, s.labels, s.annotations), container, request, pipeline.facts)
+        ctx = await pipeline.context(method, request)
+        assert ctx is not None, "RunPodSandbox and CreateContainer always have a context"
         try:
             outcome = await pipeline.decide(ctx)
         except CriProxyError as err:
@@ -191,11 +190,9 @@ async def explain_pod(pod: Pod, pipeline: Pipeline) -> list[Explained]:
             out.append(Explained(method, container, "denied", outcome.denial.code.name, outcome.denial.reason,
                                  decisions=decisions))
             continue
-        changes = []
-        for c in outcome.changes:
-            before = read_field(request, c.path)
-            apply_change(request, c)
-            changes.append({"field": c.path, "from": before, "to": c.value, "by": c.by, "key": c.key or "(config)"})
+        applied, _ = pipeline.apply(outcome, request)
+        changes = [{"field": c.path, "from": before, "to": c.value, "by": c.by, "key": c.key or "(config)"}
+                   for c, before in applied]
         out.append(Explained(method, container, "allowed", changes=changes, decisions=decisions))
     return out
 

@@ -301,8 +301,10 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
     except BaseException:
         await plane.stop(0)
         raise
-    log.info("criproxy %s serving %s -> runtime %s (CRI %s), images %s; interceptors: %s", __version__,
-             config.listen, runtime.endpoint, " and ".join(sorted(runtime.apis)), image.endpoint,
+    # Say only what was learned: before the runtime answered, which CRI API it speaks is unknown.
+    apis = f"CRI {' and '.join(sorted(runtime.apis))}" if runtime.learned else "its CRI API not known yet"
+    log.info("criproxy %s serving %s -> runtime %s (%s), images %s; interceptors: %s", __version__,
+             config.listen, runtime.endpoint, apis, image.endpoint,
              ", ".join(i.name for i in pipeline.interceptors) if pipeline is not None else "none")
     if policies is not None:
         policies.start_watching(obs.supervisor)

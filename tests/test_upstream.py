@@ -191,3 +191,22 @@ def test_open_stream_ends_with_a_clean_status_when_the_runtime_dies(loop: LoopTh
             assert time.monotonic() - began < 5, "the caller's stream must end, not hang"
     finally:
         loop.run(proxy.stop(0))
+
+
+@pytest.mark.parametrize("answering", [True, False])
+def test_the_start_log_says_only_what_the_runtime_told(answering: bool, loop: LoopThread, sockdir: Path,
+                                                       proxy_config: ServeConfig,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    runtime = run_fake(loop, sockdir, ("v1",)) if answering else None
+    caplog.set_level("INFO", logger="criproxy.server")
+    proxy = start(loop, proxy_config)
+    try:
+        (line,) = [r.getMessage() for r in caplog.records if "serving" in r.getMessage()]
+        if answering:
+            assert "(CRI v1)" in line, line
+        else:
+            assert "its CRI API not known yet" in line and "v1alpha2" not in line, line
+    finally:
+        loop.run(proxy.stop(0))
+        if runtime is not None:
+            loop.run(runtime.stop())

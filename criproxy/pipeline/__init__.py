@@ -142,7 +142,7 @@ class Pipeline:
     async def before(self, call: Call, request: Message) -> Message | None:
         if call.method.key not in self._by_event:
             return None
-        ctx = await self._context(call.method.key, request)
+        ctx = await self.context(call.method.key, request)
         if ctx is None:
             return None
         if self.on_context is not None:
@@ -152,15 +152,20 @@ class Pipeline:
             self.on_decisions(outcome.ctx, outcome.decisions)
         if outcome.denial is not None:
             raise _denied(outcome.denial)
-        if not outcome.modify:
-            return None  # dry-run: the runtime gets exactly what the kubelet sent
-        changed = False
-        if ctx.method == RUN_POD_SANDBOX:
-            changed = self._pin(outcome.ctx, request)
-        if outcome.changes:
-            self._apply(outcome.ctx, request, list(outcome.changes))
-            changed = True
+        _, changed = self.apply(outcome, request)
         return request if changed else None
+
+    def apply(self, outcome: Outcome, request: Any) -> tuple[list[tuple[Change, Any]], bool]:
+        """Make `request` what `outcome` decided (nothing in dry-run: the runtime gets exactly what
+        the kubelet sent): a sandbox's pinned annotations, the changes, and the `applied` stamp.
+        Returns each change applied with the value it replaced, and whether the request changed.
+        `criproxy explain` shows a manifest's calls through this same code."""
+        if not outcome.modify or outcome.denial is not None:
+            return [], False
+        changed = self._pin(outcome.ctx, request) if outcome.ctx.method == RUN_POD_SANDBOX else False
+        if not outcome.changes:
+            return [], changed
+        return self._apply(outcome.ctx, request, list(outcome.changes)), True
 
     async def decide(self, ctx: CallContext) -> Outcome:
         """Everything the pipeline decides about one call, without changing the request.
@@ -241,7 +246,9 @@ class Pipeline:
         elif key == REMOVE_POD_SANDBOX:
             self.index.remove_sandbox(getattr(request, "pod_sandbox_id", ""))
 
-    async def _context(self, key: str, request: Any) -> CallContext | None:
+    async def context(self, key: str, request: Any) -> CallContext | None:
+        """What the interceptors see of one decoded request; None: nothing to decide (an update of
+        a container the index and the runtime do not know)."""
         if key == RUN_POD_SANDBOX:
             c = request.config
             return CallContext(key, pod_info(c.metadata, c.labels, c.annotations), None, request, self.facts)
@@ -328,15 +335,16 @@ class Pipeline:
                 owners[change.path] = mine
         return list(owners.values())
 
-    def _apply(self, ctx: CallContext, request: Any, changes: list[Change]) -> None:
+    def _apply(self, ctx: CallContext, request: Any, changes: list[Change]) -> list[tuple[Change, Any]]:
         before = {c.path: read_field(request, c.path) for c in changes}
         for change in changes:
             apply_change(request, change)
         stamp = provenance(changes, before)
         if ctx.method == UPDATE_CONTAINER_RESOURCES:
             request.annotations[self._applied_key] = stamp
-            return
-        request.config.annotations[self._applied_key] = stamp
+        else:
+            request.config.annotations[self._applied_key] = stamp
+        return [(c, before[c.path]) for c in changes]
 
     def _pin(self, ctx: CallContext, request: Any) -> bool:
         """Record on the sandbox the criproxy annotations its pod has now, replacing whatever the pod

@@ -1,14 +1,17 @@
-"""The client side: one gRPC channel per runtime endpoint, its health, and the CRI API it speaks.
+"""The proxy's own connection to the runtime (grpcio): what it speaks, its health, and the calls
+the proxy makes itself (Version to learn the API, Status for the runtime's handlers, the
+container index's ListPodSandbox/ListContainers). Callers' calls never pass here: the data plane
+(criproxy.transport.plane) has its own connection and carries them.
 
 Notes:
 - gRPC's default reconnect backoff grows to two minutes; a node whose runtime restarted
   would then wait that long. The channel here retries every RECONNECT_MAX_MS at most, so the
-  proxy serves again within a second of the runtime answering.
+  proxy re-learns the runtime within a second of it answering (the data plane redials as fast).
 - Calls are not wait-for-ready: while the runtime is down they fail at once with UNAVAILABLE
-  (the kubelet retries), instead of hanging until their deadline.
-- Which APIs the runtime speaks is asked with Version at start and after every reconnect.
-  A caller is served in its own API when the runtime has it, and bridged to the other one
-  when not (v1alpha2 kubelet -> v1-only runtime, v1 kubelet -> v1alpha2-only runtime).
+  instead of hanging until their deadline.
+- Which APIs the runtime speaks is asked with Version at start and after every reconnect, and
+  told to the data plane: a caller is served in its own API when the runtime has it, and bridged
+  to the other one when not (v1alpha2 kubelet -> v1-only runtime, v1 kubelet -> v1alpha2-only).
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ DETECT_TIMEOUT_S = 5.0
 NOT_ANSWERING_REPEAT_S = 30.0
 
 RawUnary = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
-RawStream = grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
-RawBidi = grpc.aio.StreamStreamMultiCallable[bytes, bytes]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -73,9 +74,9 @@ class Upstream:
         self.apis: frozenset[str] = frozenset(API_VERSIONS)
         self.api = "v1"
         self.runtime_version = ""
+        #: True once the endpoint said which APIs it speaks (until then `apis` is a guess: both).
+        self.learned = False
         self._unary: dict[str, RawUnary] = {}
-        self._stream: dict[str, RawStream] = {}
-        self._bidi: dict[str, RawBidi] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.on_state_change: Callable[[Upstream, grpc.ChannelConnectivity], None] | None = None
         #: time.monotonic() when the log last said the endpoint is not answering; None: since it answers.
@@ -88,18 +89,6 @@ class Upstream:
         call = self._unary.get(path)
         if call is None:
             call = self._unary[path] = self.channel.unary_unary(path, None, None)
-        return call
-
-    def stream(self, path: str) -> RawStream:
-        call = self._stream.get(path)
-        if call is None:
-            call = self._stream[path] = self.channel.unary_stream(path, None, None)
-        return call
-
-    def bidi(self, path: str) -> RawBidi:
-        call = self._bidi.get(path)
-        if call is None:
-            call = self._bidi[path] = self.channel.stream_stream(path, None, None)
         return call
 
     def is_connected(self) -> bool:
@@ -139,9 +128,9 @@ class Upstream:
 
     def _learned(self, spoken: list[str], what: str) -> None:
         apis = frozenset(spoken)
-        if apis != self.apis:
+        if apis != self.apis or not self.learned:
             log.info("%s endpoint %s (%s) speaks CRI %s", self.role, self.endpoint, what, " and ".join(spoken))
-        self.apis, self.api = apis, spoken[0]
+        self.apis, self.api, self.learned = apis, spoken[0], True
 
     async def detect_image_api(self) -> None:
         """An image-only endpoint has no Version: probe ImageFsInfo on each API instead."""
