@@ -31,7 +31,6 @@ TYPES: dict[str, str] = {
     "DataPlane.__init__.max_message_bytes": "int",
     "DataPlane.__init__.max_concurrent_calls": "int",
     "DataPlane.__init__.connection_age_seconds": "float",
-    "DataPlane.__init__.threads": "int",
     "DataPlane.__init__.return": "None",
     "DataPlane.start.listen_path": "str",
     "DataPlane.start.return": "None",

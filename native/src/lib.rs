@@ -93,16 +93,76 @@ impl InterceptedCall {
     }
 }
 
+/// The data plane's thread, and how to stop it.
 struct Running {
-    runtime: tokio::runtime::Runtime,
     stop: watch::Sender<bool>,
+    /// How long stop lets connections drain; set before `stop` is sent.
+    grace: Arc<Mutex<Duration>>,
+    /// Ends with true when every connection finished within the grace.
+    thread: std::thread::JoinHandle<bool>,
+}
+
+/// The data plane's one thread: a current-thread tokio runtime serving until stop, then
+/// draining for the grace period (see `DataPlane.start`).
+fn run_plane(
+    shared: Arc<Shared>,
+    listen_path: PathBuf,
+    mut stopped: watch::Receiver<bool>,
+    grace: Arc<Mutex<Duration>>,
+    ready: mpsc::Sender<std::io::Result<()>>,
+) -> bool {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return true;
+        }
+    };
+    let drained = runtime.block_on(async move {
+        let listener = match tokio::net::UnixListener::bind(&listen_path) {
+            Ok(listener) => listener,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return true;
+            }
+        };
+        let mut upstreams = vec![shared.runtime.clone()];
+        if !Arc::ptr_eq(&shared.runtime, &shared.image) {
+            upstreams.push(shared.image.clone());
+        }
+        let mut first = Vec::new();
+        for upstream in upstreams {
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(upstream.maintain(stopped.clone(), tx));
+            first.push(rx);
+        }
+        for rx in first {
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        }
+        let _ = ready.send(Ok(()));
+        tokio::spawn(server::serve(listener, shared.clone(), stopped.clone()));
+        while !*stopped.borrow() {
+            if stopped.changed().await.is_err() {
+                break;
+            }
+        }
+        let grace = *grace.lock().expect("grace lock");
+        tokio::time::timeout(grace, shared.live.drained())
+            .await
+            .is_ok()
+    });
+    // Whatever is still running (connections past the grace, the upstream tasks) ends here.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    drained
 }
 
 /// The data plane of one proxy (see the module docs).
 #[pyclass(module = "criproxy._native", frozen)]
 struct DataPlane {
     shared: Arc<Shared>,
-    threads: usize,
     running: Mutex<Option<Running>>,
     bridge: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -120,7 +180,7 @@ fn upstream_path(endpoint: &str) -> PyResult<PathBuf> {
 #[pymethods]
 impl DataPlane {
     #[new]
-    #[pyo3(signature = (*, runtime_endpoint, image_endpoint, methods, max_message_bytes, max_concurrent_calls, connection_age_seconds, threads=1))]
+    #[pyo3(signature = (*, runtime_endpoint, image_endpoint, methods, max_message_bytes, max_concurrent_calls, connection_age_seconds))]
     fn new(
         runtime_endpoint: String,
         image_endpoint: String,
@@ -128,11 +188,10 @@ impl DataPlane {
         max_message_bytes: usize,
         max_concurrent_calls: usize,
         connection_age_seconds: f64,
-        threads: usize,
     ) -> PyResult<Self> {
-        if connection_age_seconds.is_nan() || connection_age_seconds <= 0.0 || threads == 0 {
+        if connection_age_seconds.is_nan() || connection_age_seconds <= 0.0 {
             return Err(PyValueError::new_err(
-                "connection_age_seconds and threads must be positive",
+                "connection_age_seconds must be positive",
             ));
         }
         let runtime = Upstream::new(
@@ -159,7 +218,6 @@ impl DataPlane {
         );
         Ok(DataPlane {
             shared,
-            threads,
             running: Mutex::new(None),
             bridge: Mutex::new(None),
         })
@@ -173,35 +231,34 @@ impl DataPlane {
             return Err(PyRuntimeError::new_err("the data plane is already running"));
         }
         let shared = self.shared.clone();
-        let threads = self.threads;
-        let started = py.detach(move || -> std::io::Result<Running> {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("criproxy-data")
-                .enable_all()
-                .build()?;
-            let listener =
-                runtime.block_on(async { tokio::net::UnixListener::bind(&listen_path) })?;
-            let (stop, stopped) = watch::channel(false);
-            let mut upstreams = vec![shared.runtime.clone()];
-            if !Arc::ptr_eq(&shared.runtime, &shared.image) {
-                upstreams.push(shared.image.clone());
+        let (stop, stopped) = watch::channel(false);
+        let grace = Arc::new(Mutex::new(Duration::ZERO));
+        let (ready, started) = mpsc::channel();
+        let plane_grace = grace.clone();
+        let thread = std::thread::Builder::new()
+            .name("criproxy-data".into())
+            .spawn(move || run_plane(shared, listen_path, stopped, plane_grace, ready))
+            .map_err(|e| {
+                PyOSError::new_err(format!("cannot start the data plane's thread: {e}"))
+            })?;
+        match py.detach(move || started.recv()) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(PyOSError::new_err(format!("cannot serve: {e}")));
             }
-            let mut first = Vec::new();
-            for upstream in upstreams {
-                let (tx, rx) = oneshot::channel();
-                runtime.spawn(upstream.maintain(stopped.clone(), tx));
-                first.push(rx);
+            Err(_) => {
+                let _ = thread.join();
+                return Err(PyRuntimeError::new_err(
+                    "the data plane's thread ended before it served",
+                ));
             }
-            runtime.spawn(server::serve(listener, shared, stopped));
-            runtime.block_on(async {
-                for rx in first {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
-                }
-            });
-            Ok(Running { runtime, stop })
-        });
-        let started = started.map_err(|e| PyOSError::new_err(format!("cannot serve: {e}")))?;
+        }
+        let started = Running {
+            stop,
+            grace,
+            thread,
+        };
         *running = Some(started);
         Ok(())
     }
@@ -356,17 +413,11 @@ impl DataPlane {
         self.shared
             .stopped
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let shared = self.shared.clone();
         let drained = py.detach(move || {
+            *running.grace.lock().expect("grace lock") =
+                Duration::from_secs_f64(grace_seconds.max(0.0));
             let _ = running.stop.send(true);
-            let grace = Duration::from_secs_f64(grace_seconds.max(0.0));
-            let drained = running.runtime.block_on(async {
-                tokio::time::timeout(grace, shared.live.drained())
-                    .await
-                    .is_ok()
-            });
-            running.runtime.shutdown_timeout(Duration::from_millis(100));
-            drained
+            running.thread.join().unwrap_or(false)
         });
         if let Some(bridge) = self.bridge.lock().expect("bridge lock").take() {
             py.detach(move || {

@@ -461,6 +461,7 @@ async fn connection(
         .auto_date_header(false)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(crate::upstream::MAX_FRAME)
         .max_header_list_size(1 << 20)
         .max_concurrent_streams(u32::try_from(shared.max_calls + 64).unwrap_or(u32::MAX));
     let service_shared = shared.clone();

@@ -25,6 +25,11 @@ pub const RECONNECT_MAX: Duration = Duration::from_millis(500);
 /// stream keeps its unread bytes against the connection window, so that one is large.
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest DATA frame the runtime may send (h2's default is 16 KiB): a 1 MB answer
+/// (ListContainers on a busy node) then crosses in a few frames and reads instead of 64 and 120.
+/// Measured (bench/forwarding.py, 1,000 containers): proxy CPU per call 1,622 -> 464 us; reads
+/// per call 122 -> 8, writes 64 -> 9 (strace -c).
+pub const MAX_FRAME: u32 = 1 << 20;
 
 pub struct Upstream {
     /// As the operator wrote it (unix:///run/containerd/containerd.sock), for messages.
@@ -130,6 +135,7 @@ impl Upstream {
         builder
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .max_header_list_size(1 << 20);
         let (sender, conn) = builder
             .handshake(TokioIo::new(stream))
