@@ -159,49 +159,56 @@ pub async fn handle(
     })
 }
 
+/// Send a caller's call upstream: its method, its path as routed, its headers, and `body`.
+/// Err: the status to answer the caller with (the runtime is down, or the call failed on the way).
+async fn send_upstream(
+    shared: &Shared,
+    route: &Route,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    tracker: &mut Tracker,
+    tripped: &Tripped,
+) -> Result<(Arc<Upstream>, Response<Incoming>), Status> {
+    let upstream = shared.upstream(route.role).clone();
+    let mut sender = upstream
+        .sender()
+        .map_err(|why| Status::new(status::UNAVAILABLE, upstream.unreachable(&why)))?;
+    let uri = upstream_uri(&parts.uri, route.path.as_deref()).map_err(|e| {
+        Status::new(
+            status::INTERNAL,
+            format!("criproxy: cannot address the runtime: {e}"),
+        )
+    })?;
+    let mut outgoing = Request::new(body);
+    *outgoing.uri_mut() = uri;
+    *outgoing.method_mut() = parts.method;
+    *outgoing.headers_mut() = parts.headers;
+    tracker.runtime_started();
+    match sender.send_request(outgoing).await {
+        Ok(response) => Ok((upstream, response)),
+        Err(e) => Err(body::failure_status(
+            &e,
+            &upstream,
+            tripped,
+            shared.max_message_bytes,
+        )),
+    }
+}
+
 async fn passthrough(
     shared: &Shared,
     route: Route,
     req: Request<Incoming>,
     mut tracker: Tracker,
 ) -> Response<ProxyBody> {
-    let upstream = shared.upstream(route.role).clone();
-    let mut sender = match upstream.sender() {
-        Ok(s) => s,
-        Err(why) => {
-            return refuse(
-                tracker,
-                Status::new(status::UNAVAILABLE, upstream.unreachable(&why)),
-            )
-        }
-    };
     let (parts, body) = req.into_parts();
-    let uri = match upstream_uri(&parts.uri, route.path.as_deref()) {
-        Ok(uri) => uri,
-        Err(e) => {
-            return refuse(
-                tracker,
-                Status::new(
-                    status::INTERNAL,
-                    format!("criproxy: cannot address the runtime: {e}"),
-                ),
-            )
-        }
-    };
     let tripped: Tripped = Arc::default();
-    let mut outgoing =
-        Request::new(Outgoing::new(body, shared.max_message_bytes, tripped.clone()).boxed());
-    *outgoing.uri_mut() = uri;
-    *outgoing.method_mut() = parts.method;
-    *outgoing.headers_mut() = parts.headers;
-    tracker.runtime_started();
-    let response = match sender.send_request(outgoing).await {
-        Ok(r) => r,
-        Err(e) => {
-            let st = body::failure_status(&e, &upstream, &tripped, shared.max_message_bytes);
-            return refuse(tracker, st);
-        }
-    };
+    let outgoing = Outgoing::new(body, shared.max_message_bytes, tripped.clone()).boxed();
+    let (upstream, response) =
+        match send_upstream(shared, &route, parts, outgoing, &mut tracker, &tripped).await {
+            Ok(sent) => sent,
+            Err(st) => return refuse(tracker, st),
+        };
     let (parts, incoming) = response.into_parts();
     if let Some(code) = status::code_of(&parts.headers) {
         tracker.code = Some(code); // trailers-only: the status is in the headers
@@ -352,41 +359,19 @@ async fn intercept(
             frame::encode(&changed)
         }
     };
-    let upstream = shared.upstream(route.role).clone();
-    let mut sender = match upstream.sender() {
-        Ok(s) => s,
-        Err(why) => {
-            return refuse(
-                tracker,
-                Status::new(status::UNAVAILABLE, upstream.unreachable(&why)),
-            )
-        }
-    };
-    let uri = match upstream_uri(&parts.uri, route.path.as_deref()) {
-        Ok(uri) => uri,
-        Err(e) => {
-            return refuse(
-                tracker,
-                Status::new(
-                    status::INTERNAL,
-                    format!("criproxy: cannot address the runtime: {e}"),
-                ),
-            )
-        }
-    };
-    let mut outgoing = Request::new(Whole::new(Some(send), None, None).boxed());
-    *outgoing.uri_mut() = uri;
-    *outgoing.method_mut() = parts.method;
-    *outgoing.headers_mut() = parts.headers;
-    tracker.runtime_started();
-    let response = match sender.send_request(outgoing).await {
-        Ok(r) => r,
-        Err(e) => {
-            return refuse(
-                tracker,
-                body::failure_status(&e, &upstream, &Tripped::default(), shared.max_message_bytes),
-            )
-        }
+    let body = Whole::new(Some(send), None, None).boxed();
+    let (upstream, response) = match send_upstream(
+        shared,
+        &route,
+        parts,
+        body,
+        &mut tracker,
+        &Tripped::default(),
+    )
+    .await
+    {
+        Ok(sent) => sent,
+        Err(st) => return refuse(tracker, st),
     };
     let (parts, incoming) = response.into_parts();
     let limit = shared.max_message_bytes;
