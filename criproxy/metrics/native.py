@@ -11,7 +11,6 @@ per scrape.
 | criproxy_proxy_duration_seconds | histogram | method |
 | criproxy_streams_active | gauge | method |
 | criproxy_stream_messages_total | counter | method |
-| criproxy_observations_dropped_total | counter | |
 
 A method appears once it had a call (the data plane has a slot for every CRI method and
 "other"; idle ones are left out, as prometheus-client leaves out children never used).
@@ -70,8 +69,4 @@ class NativeCallCollector(Collector):
             if open_streams or relayed:
                 streams.add_metric([method], open_streams)
                 messages.add_metric([method], relayed)
-        dropped = CounterMetricFamily("criproxy_observations_dropped",
-                                      "Answers to intercepted calls the pipeline could not be told of (its loop "
-                                      "was gone)")
-        dropped.add_metric([], s["observations_dropped"])
-        yield from (calls, in_flight, duration, runtime, proxy, streams, messages, dropped)
+        yield from (calls, in_flight, duration, runtime, proxy, streams, messages)

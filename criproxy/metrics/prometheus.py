@@ -22,7 +22,6 @@ per-call ones, calls to stream messages, are counted by the data plane: criproxy
 | criproxy_log_records_dropped_total | counter | log | log lines dropped (main, decisions): the writer fell behind |
 | criproxy_background_task_failures_total | counter | task | unexpected failures of a background task (restarted) |
 | criproxy_internal_errors_total | counter | where | failures inside the proxy (after: observing a sent answer) |
-| criproxy_observations_dropped_total | counter | | answers to intercepted calls the pipeline could not be told of |
 
 `method` is a version-neutral CRI method ('RuntimeService/Version') or 'other' for paths the
 CRI table does not know (their names are chosen by callers: no unbounded label values).

@@ -4,9 +4,11 @@ speaks and what the pipeline intercepts, and the Python half of the interception
 Notes:
 - The data plane (criproxy._native, Rust on tokio threads) carries every call. A call no hook
   subscribes to never enters Python: no GIL, no event loop, no allocation here.
-- An intercepted call arrives as an InterceptedCall, scheduled on this process's asyncio loop
-  (`_on_call`). Its one request message is decoded with the CRI v1 types (v1alpha2 has the same
-  wire format), given to `Hooks.before`, and answered exactly once: `forward(bytes | None)` or
+- An intercepted call arrives as an InterceptedCall on this process's asyncio loop: the data
+  plane rings a doorbell the loop watches (a socket pair, `loop.add_reader`) and the loop takes
+  every job waiting (`_take_jobs`); no thread of the data plane ever takes the GIL. Its one
+  request message is decoded with the CRI v1 types (v1alpha2 has the same wire format), given
+  to `Hooks.before`, and answered exactly once: `forward(bytes | None)` or
   `fail(code, message)`. A CriProxyError becomes its own status; any other exception fails the
   call closed with INTERNAL, naming the method. The call is never forwarded unchecked.
 - The runtime's answer comes back through `_on_done`; when OK, `Hooks.after` observes it. The
@@ -66,6 +68,7 @@ class NativePlane:
         self.metrics = metrics
         self.tracing = tracing
         self._exporter: threading.Thread | None = None
+        self._doorbell: int | None = None
         self.native = DataPlane(
             runtime_endpoint=settings.runtime_endpoint, image_endpoint=settings.image_endpoint,
             methods=METHOD_TABLE, max_message_bytes=settings.max_message_bytes,
@@ -77,7 +80,8 @@ class NativePlane:
         """Bind `listen_path` and serve (OSError when it cannot be bound). Call on the event loop
         that is to run the hooks."""
         if self.hooks.decoded:
-            self.native.set_control(asyncio.get_running_loop(), self._on_call, self._on_done)
+            self._doorbell = self.native.set_control()
+            asyncio.get_running_loop().add_reader(self._doorbell, self._take_jobs)
         self.set_apis(API_VERSIONS, API_VERSIONS)
         if self.tracing is not None:
             self.native.set_tracing(self.tracing.sampler, self.tracing.ratio)
@@ -108,6 +112,9 @@ class NativePlane:
         """Refuse new connections, let calls in flight finish for `grace` seconds, end the rest.
         True when every connection finished in time."""
         loop = asyncio.get_running_loop()
+        if self._doorbell is not None:
+            loop.remove_reader(self._doorbell)
+            self._doorbell = None
         drained = await loop.run_in_executor(None, self.native.stop, grace)
         if self._exporter is not None:
             await loop.run_in_executor(None, self._exporter.join, 5.0)
@@ -117,7 +124,14 @@ class NativePlane:
             await asyncio.wait(self._tasks, timeout=1.0)
         return drained
 
-    # The seam (see the module notes). Both run on the event loop.
+    # The seam (see the module notes). All of it runs on the event loop.
+
+    def _take_jobs(self) -> None:
+        for kind, call, code, response in self.native.take_jobs():
+            if kind == 0:
+                self._on_call(call)
+            else:
+                self._on_done(call, code, response)
 
     def _on_call(self, call: InterceptedCall) -> None:
         task = asyncio.get_running_loop().create_task(self._decide(call), name=f"criproxy-call {call.method}")

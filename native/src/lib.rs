@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList};
 use tokio::sync::{oneshot, watch};
 
 use crate::routes::{Apis, Methods, Table};
@@ -164,7 +164,7 @@ fn run_plane(
 struct DataPlane {
     shared: Arc<Shared>,
     running: Mutex<Option<Running>>,
-    bridge: Mutex<Option<std::thread::JoinHandle<()>>>,
+    seam: Mutex<Option<SeamState>>,
 }
 
 fn upstream_path(endpoint: &str) -> PyResult<PathBuf> {
@@ -219,7 +219,7 @@ impl DataPlane {
         Ok(DataPlane {
             shared,
             running: Mutex::new(None),
-            bridge: Mutex::new(None),
+            seam: Mutex::new(None),
         })
     }
 
@@ -278,38 +278,90 @@ impl DataPlane {
         *self.shared.table.write().expect("route table lock") = Arc::new(table);
     }
 
-    /// Hand intercepted calls to `on_call(call)` and their answers to `on_done(call, code,
-    /// response)`, both scheduled on `event_loop` with call_soon_threadsafe.
-    fn set_control(
-        &self,
-        event_loop: Py<PyAny>,
-        on_call: Py<PyAny>,
-        on_done: Py<PyAny>,
-    ) -> PyResult<()> {
-        let mut bridge = self.bridge.lock().expect("bridge lock");
-        if bridge.is_some() {
+    /// Hand intercepted calls to the control plane: returns the file descriptor its event loop
+    /// watches (`loop.add_reader(fd, ...)`); when it is readable, `take_jobs` has work.
+    fn set_control(&self) -> PyResult<i32> {
+        let mut seam = self.seam.lock().expect("seam lock");
+        if seam.is_some() {
             return Err(PyRuntimeError::new_err("the control plane is already set"));
         }
+        let (bell, watched) = std::os::unix::net::UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(|e| PyOSError::new_err(format!("cannot make the seam's doorbell: {e}")))?;
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (jobs, inbox) = mpsc::channel();
-        *self.shared.control.write().expect("control lock") = Some(Arc::new(Control::new(jobs)));
-        let metrics = self.shared.metrics.clone();
-        *bridge = Some(
-            std::thread::Builder::new()
-                .name("criproxy-seam".into())
-                .spawn(move || {
-                    run_bridge(
-                        inbox,
-                        Seam {
-                            event_loop,
-                            on_call,
-                            on_done,
+        let doorbell = seam::Doorbell::new(bell, armed.clone());
+        *self.shared.control.write().expect("control lock") =
+            Some(Arc::new(Control::new(jobs, Some(doorbell))));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&watched);
+        *seam = Some(SeamState {
+            inbox,
+            open: HashMap::new(),
+            watched,
+            armed,
+        });
+        Ok(fd)
+    }
+
+    /// The jobs waiting for the control plane, oldest first: (0, call, 0, None) for a call to
+    /// decide, (1, call, code, response) for the runtime's answer to one (response: the message
+    /// when code is 0). Call it from the loop when the fd of `set_control` is readable.
+    fn take_jobs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let mut guard = self.seam.lock().expect("seam lock");
+        let Some(seam) = guard.as_mut() else {
+            return Ok(out);
+        };
+        // Empty the doorbell, then disarm it, then take the jobs: a job sent after the disarm
+        // rings again, so none is left waiting without a wake-up.
+        let mut rung = [0u8; 256];
+        while let Ok(n) = std::io::Read::read(&mut &seam.watched, &mut rung) {
+            if n == 0 {
+                break;
+            }
+        }
+        seam.armed
+            .store(false, std::sync::atomic::Ordering::Release);
+        for job in seam.inbox.try_iter() {
+            match job {
+                Job::Ask(ask) => {
+                    let call = Py::new(
+                        py,
+                        InterceptedCall {
+                            method: ask.method,
+                            path: ask.path,
+                            metadata: ask.metadata,
+                            message: PyBytes::new(py, &ask.message).unbind(),
+                            deadline: ask.deadline.map(|d| d.as_secs_f64()),
+                            span: ask.span.map(|(t, s)| {
+                                (PyBytes::new(py, &t).unbind(), PyBytes::new(py, &s).unbind())
+                            }),
+                            state: py.None(),
+                            reply: Mutex::new(Some(ask.reply)),
                         },
-                        metrics,
-                    )
-                })
-                .map_err(|e| PyOSError::new_err(format!("cannot start the seam thread: {e}")))?,
-        );
-        Ok(())
+                    )?;
+                    out.append((0u8, call.clone_ref(py), 0u8, py.None()))?;
+                    seam.open.insert(ask.id, call);
+                }
+                Job::Done { id, code, response } => {
+                    if let Some(call) = seam.open.remove(&id) {
+                        let response = match response {
+                            Some(r) => PyBytes::new(py, &r).into_any().unbind(),
+                            None => py.None(),
+                        };
+                        out.append((1u8, call, code, response))?;
+                    }
+                }
+                Job::Forget { id } => {
+                    seam.open.remove(&id);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Trace sampled calls (OTEL_TRACES_SAMPLER's `sampler` and `ratio`); finished spans wait
@@ -419,11 +471,8 @@ impl DataPlane {
             let _ = running.stop.send(true);
             running.thread.join().unwrap_or(false)
         });
-        if let Some(bridge) = self.bridge.lock().expect("bridge lock").take() {
-            py.detach(move || {
-                let _ = bridge.join();
-            });
-        }
+        // The calls still open end with the plane; their Python objects go with the GIL held.
+        drop(self.seam.lock().expect("seam lock").take());
         drained
     }
 
@@ -456,7 +505,6 @@ impl DataPlane {
         }
         out.set_item("methods", per_method)?;
         out.set_item("buckets", metrics::BUCKETS.to_vec())?;
-        out.set_item("observations_dropped", s.observations_dropped)?;
         let reconnects = PyDict::new(py);
         reconnects.set_item(
             "runtime",
@@ -479,103 +527,13 @@ impl DataPlane {
     }
 }
 
-/// The bridge thread: takes the GIL for each job, never a tokio thread (see seam.rs).
-fn run_bridge(inbox: mpsc::Receiver<Job>, seam: Seam, metrics: Arc<metrics::Metrics>) {
-    let mut open: HashMap<u64, Py<InterceptedCall>> = HashMap::new();
-    while let Ok(job) = inbox.recv() {
-        Python::attach(|py| {
-            if let Err(err) = seam.handle(py, job, &mut open, &metrics) {
-                err.print(py);
-            }
-        });
-    }
-    Python::attach(|_py| drop(open));
-}
-
-/// The Python side of the seam: the loop to schedule on and the two callbacks.
-struct Seam {
-    event_loop: Py<PyAny>,
-    on_call: Py<PyAny>,
-    on_done: Py<PyAny>,
-}
-
-impl Seam {
-    fn schedule<'py>(
-        &self,
-        py: Python<'py>,
-        callback: &Py<PyAny>,
-        args: Vec<Bound<'py, PyAny>>,
-    ) -> PyResult<()> {
-        let mut all = vec![callback.clone_ref(py).into_bound(py)];
-        all.extend(args);
-        self.event_loop
-            .bind(py)
-            .call_method1("call_soon_threadsafe", PyTuple::new(py, all)?)?;
-        Ok(())
-    }
-
-    fn handle(
-        &self,
-        py: Python<'_>,
-        job: Job,
-        open: &mut HashMap<u64, Py<InterceptedCall>>,
-        metrics: &metrics::Metrics,
-    ) -> PyResult<()> {
-        match job {
-            Job::Ask(ask) => {
-                let call = Py::new(
-                    py,
-                    InterceptedCall {
-                        method: ask.method,
-                        path: ask.path,
-                        metadata: ask.metadata,
-                        message: PyBytes::new(py, &ask.message).unbind(),
-                        deadline: ask.deadline.map(|d| d.as_secs_f64()),
-                        span: ask.span.map(|(t, s)| {
-                            (PyBytes::new(py, &t).unbind(), PyBytes::new(py, &s).unbind())
-                        }),
-                        state: py.None(),
-                        reply: Mutex::new(Some(ask.reply)),
-                    },
-                )?;
-                if let Err(err) = self.schedule(
-                    py,
-                    &self.on_call,
-                    vec![call.clone_ref(py).into_bound(py).into_any()],
-                ) {
-                    // The loop is closed: fail the call closed, now.
-                    let message =
-                        format!("criproxy: the control plane's event loop is not running: {err}");
-                    call.borrow(py)
-                        .answer(Verdict::Fail(Status::new(status::UNAVAILABLE, message)));
-                } else {
-                    open.insert(ask.id, call);
-                }
-            }
-            Job::Done { id, code, response } => {
-                if let Some(call) = open.remove(&id) {
-                    let response = match response {
-                        Some(r) => PyBytes::new(py, &r).into_any(),
-                        None => py.None().into_bound(py),
-                    };
-                    let args = vec![
-                        call.into_bound(py).into_any(),
-                        code.into_pyobject(py)?.into_any(),
-                        response,
-                    ];
-                    if self.schedule(py, &self.on_done, args).is_err() {
-                        metrics
-                            .observations_dropped
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            }
-            Job::Forget { id } => {
-                open.remove(&id);
-            }
-        }
-        Ok(())
-    }
+/// The control plane's side of the seam: its inbox, the calls it was handed and not yet told
+/// the end of, and the doorbell it watches. Used only with the GIL held (from the loop).
+struct SeamState {
+    inbox: mpsc::Receiver<Job>,
+    open: HashMap<u64, Py<InterceptedCall>>,
+    watched: std::os::unix::net::UnixStream,
+    armed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[pymodule]

@@ -77,8 +77,6 @@ pub struct Metrics {
     proxy: Vec<Histogram>,
     streams: Vec<AtomicI64>,
     stream_messages: Vec<AtomicU64>,
-    /// Intercepted calls whose observation (the Python side's `after`) could not be handed over.
-    pub observations_dropped: AtomicU64,
 }
 
 fn slots<T: Default>(n: usize) -> Vec<T> {
@@ -97,7 +95,6 @@ impl Metrics {
             proxy: slots(methods),
             streams: slots(methods),
             stream_messages: slots(methods),
-            observations_dropped: AtomicU64::new(0),
         }
     }
 
@@ -149,11 +146,7 @@ impl Metrics {
                 stream_messages: self.stream_messages[m].load(Relaxed),
             })
             .collect();
-        Snapshot {
-            calls,
-            per_method,
-            observations_dropped: self.observations_dropped.load(Relaxed),
-        }
+        Snapshot { calls, per_method }
     }
 }
 
@@ -169,7 +162,6 @@ pub struct Snapshot {
     /// (method, code, calls, duration) for every pair that has calls.
     pub calls: Vec<(usize, u8, u64, HistogramSnapshot)>,
     pub per_method: Vec<MethodSnapshot>,
-    pub observations_dropped: u64,
 }
 
 #[cfg(test)]

@@ -3,18 +3,22 @@
 //! the pipeline as an observation.
 //!
 //! Notes:
-//! - Tokio threads never take the GIL. They hand jobs to one bridge thread (see lib.rs) over a
-//!   channel; that thread takes the GIL, wraps the job as a Python object and schedules it on the
-//!   asyncio loop with `call_soon_threadsafe`. The pipeline's answer comes back on a oneshot
-//!   channel, which the Python side completes without waiting on anything.
+//! - No thread of the data plane ever takes the GIL. A job goes into a channel, and the asyncio
+//!   loop's own thread is woken by a doorbell: one byte on a socket pair the loop watches
+//!   (`loop.add_reader`), rung only when the loop is not already due to look (so a burst of calls
+//!   costs one wake-up). The loop then takes every job waiting (`DataPlane.take_jobs`) with the
+//!   GIL it already holds. The pipeline's answer comes back on a oneshot channel, which the Python
+//!   side completes without waiting on anything.
 //! - A call the pipeline does not answer within the caller's deadline (or CONTROL_TIMEOUT when
 //!   the caller set none) ends DEADLINE_EXCEEDED; a control plane that is gone fails intercepted
 //!   calls closed (UNAVAILABLE). Passthrough calls never come here.
 //! - Every call handed over is closed on the Python side exactly once: `Done` after the runtime
 //!   answered, or `Forget` when the call ended otherwise (denied, timed out, cancelled).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -59,17 +63,51 @@ pub enum Job {
     },
 }
 
+/// Wakes the control plane's loop when a job waits for it (see the module notes).
+pub struct Doorbell {
+    /// True from the ring until the loop starts taking jobs: nobody needs to ring meanwhile.
+    pub armed: Arc<AtomicBool>,
+    bell: UnixStream,
+}
+
+impl Doorbell {
+    /// `bell` is the data plane's end of a non-blocking socket pair; the loop watches the other.
+    pub fn new(bell: UnixStream, armed: Arc<AtomicBool>) -> Self {
+        Doorbell { armed, bell }
+    }
+
+    fn ring(&self) {
+        if !self.armed.swap(true, Ordering::AcqRel) {
+            // A full socket buffer already holds a ring: nothing is lost by not writing.
+            let _ = (&self.bell).write(&[1]);
+        }
+    }
+}
+
 pub struct Control {
     jobs: mpsc::Sender<Job>,
     next: AtomicU64,
+    doorbell: Option<Doorbell>,
 }
 
 impl Control {
-    pub fn new(jobs: mpsc::Sender<Job>) -> Self {
+    pub fn new(jobs: mpsc::Sender<Job>, doorbell: Option<Doorbell>) -> Self {
         Control {
             jobs,
             next: AtomicU64::new(1),
+            doorbell,
         }
+    }
+
+    /// Queue `job` for the control plane and wake it; false when it is gone.
+    fn send(&self, job: Job) -> bool {
+        if self.jobs.send(job).is_err() {
+            return false;
+        }
+        if let Some(doorbell) = &self.doorbell {
+            doorbell.ring();
+        }
+        true
     }
 
     /// Hand a call to the pipeline and wait for its verdict (see the module notes).
@@ -99,7 +137,7 @@ impl Control {
             span,
             reply,
         });
-        if self.jobs.send(job).is_err() {
+        if !self.send(job) {
             let st = Status::new(
                 status::UNAVAILABLE,
                 "criproxy: the control plane is not running; intercepted calls fail closed",
@@ -142,7 +180,7 @@ pub struct Handed<'a> {
 impl Handed<'_> {
     pub fn done(mut self, code: u8, response: Option<Bytes>) {
         self.closed = true;
-        let _ = self.control.jobs.send(Job::Done {
+        self.control.send(Job::Done {
             id: self.id,
             code,
             response,
@@ -153,7 +191,7 @@ impl Handed<'_> {
 impl Drop for Handed<'_> {
     fn drop(&mut self) {
         if !self.closed {
-            let _ = self.control.jobs.send(Job::Forget { id: self.id });
+            self.control.send(Job::Forget { id: self.id });
         }
     }
 }
@@ -165,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_comes_back_and_the_call_is_closed_once() {
         let (tx, rx) = mpsc::channel();
-        let control = Control::new(tx);
+        let control = Control::new(tx, None);
         let python = std::thread::spawn(move || {
             let Job::Ask(ask) = rx.recv().unwrap() else {
                 panic!("not an ask")
@@ -205,7 +243,7 @@ mod tests {
     #[tokio::test]
     async fn no_answer_within_the_deadline_is_deadline_exceeded_and_forgotten() {
         let (tx, rx) = mpsc::channel();
-        let control = Control::new(tx);
+        let control = Control::new(tx, None);
         let (verdict, handed) = control
             .ask(
                 "M".into(),
@@ -233,7 +271,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_answer_fails_closed() {
         let (tx, rx) = mpsc::channel();
-        let control = Control::new(tx);
+        let control = Control::new(tx, None);
         let python = std::thread::spawn(move || {
             let Job::Ask(ask) = rx.recv().unwrap() else {
                 panic!()
@@ -257,7 +295,7 @@ mod tests {
     async fn a_control_plane_that_is_gone_fails_closed_at_once() {
         let (tx, rx) = mpsc::channel();
         drop(rx);
-        let control = Control::new(tx);
+        let control = Control::new(tx, None);
         let (verdict, _) = control
             .ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None)
             .await;
@@ -268,5 +306,49 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_jobs_rings_the_doorbell_once_until_the_loop_looks() {
+        let (tx, rx) = mpsc::channel();
+        let (bell, mut watched) = UnixStream::pair().unwrap();
+        bell.set_nonblocking(true).unwrap();
+        watched.set_nonblocking(true).unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let control = Control::new(tx, Some(Doorbell::new(bell, armed.clone())));
+        for _ in 0..3 {
+            let (_, handed) = control
+                .ask(
+                    "M".into(),
+                    "/p".into(),
+                    vec![],
+                    Bytes::new(),
+                    Some(Duration::from_millis(1)),
+                    None,
+                )
+                .await;
+            drop(handed);
+        }
+        let mut rung = [0u8; 16];
+        use std::io::Read;
+        assert_eq!(watched.read(&mut rung).unwrap(), 1, "one ring for six jobs");
+        assert_eq!(rx.try_iter().count(), 6, "three asks, three forgets");
+        armed.store(false, Ordering::Release); // the loop looked
+        let (_, handed) = control
+            .ask(
+                "M".into(),
+                "/p".into(),
+                vec![],
+                Bytes::new(),
+                Some(Duration::from_millis(1)),
+                None,
+            )
+            .await;
+        drop(handed);
+        assert_eq!(
+            watched.read(&mut rung).unwrap(),
+            1,
+            "a new job after the loop looked rings again"
+        );
     }
 }
