@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,12 @@ DEFAULT_CAPACITY = 10_000
 #: How long stop() waits for the writer to write out what is queued; a destination stuck for good
 #: (a pipe nobody reads) must not keep the process from exiting.
 FLUSH_TIMEOUT_S = 5.0
+
+#: How long the writer lets records gather before it writes the next ones: an intercepted call logs
+#: a line per decision, and waking the writer thread for each (a thread switch and the GIL handed
+#: over, each time) cost the loop more than the lines themselves. The first record after a quiet
+#: spell is written at once; those right behind it wait this long at most.
+WRITE_LINGER_S = 0.05
 
 #: Told of dropped records: (the log's name, how many more were dropped).
 DropListener = Callable[[str, int], None]
@@ -43,6 +50,11 @@ class _Writer(logging.handlers.QueueListener):
     def __init__(self, records: queue.Queue[Any], destination: logging.Handler) -> None:
         super().__init__(records, destination, respect_handler_level=True)
         self.records = records  # records, then the sentinel
+
+    def dequeue(self, block: bool) -> Any:
+        if block and self.records.empty():
+            time.sleep(WRITE_LINGER_S)  # see WRITE_LINGER_S: one wake-up writes what gathered
+        return self.records.get(block)
 
     def enqueue_sentinel(self) -> None:
         # Behind every queued record, waiting for room (the queue may be full); bounded.
@@ -66,7 +78,8 @@ class BackgroundLog:
         self.name = name
         self.destination = destination
         self.records: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=capacity)
-        self.handler: logging.Handler = _DroppingQueueHandler(self.records, self)
+        self._queueing = _DroppingQueueHandler(self.records, self)
+        self.handler: logging.Handler = self._queueing
         self.dropped = 0
         self._lock = threading.Lock()
         self._on_drop: DropListener | None = None
@@ -85,6 +98,12 @@ class BackgroundLog:
             self._on_drop, earlier = listener, self.dropped
         if listener is not None and earlier:
             listener(self.name, earlier)
+
+    def submit(self, message: object) -> None:
+        """Queue `message` as a record of its own, without formatting it here: the destination takes its str()
+        on the writer thread (lines whose encoding should not cost the caller). Dropped and counted when the
+        queue is full, like any record."""
+        self._queueing.enqueue(logging.LogRecord(self.name, logging.INFO, "", 0, message, None, None))
 
     def count_drop(self) -> None:
         with self._lock:

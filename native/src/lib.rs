@@ -74,8 +74,9 @@ impl InterceptedCall {
     /// Send `message` upstream (None: the caller's own bytes). False if the call was already
     /// answered or is gone (it timed out, or the caller left).
     #[pyo3(signature = (message=None))]
-    fn forward(&self, message: Option<Vec<u8>>) -> bool {
-        self.answer(Verdict::Forward(message))
+    fn forward(&self, message: Option<&Bound<'_, PyBytes>>) -> bool {
+        // One copy out of the bytes object (extracting a Vec<u8> would go element by element).
+        self.answer(Verdict::Forward(message.map(|m| m.as_bytes().to_vec())))
     }
 
     /// End the call with gRPC status `code` and `message`; nothing goes upstream.
