@@ -5,7 +5,9 @@ would send (see `pod_requests`; the resources follow the kubelet's own arithmeti
 approximations noted there), then run through the same pipeline `criproxy serve` runs: the
 configured interceptors and the policy. Nothing is sent anywhere. The runtime's handlers are
 not known offline, so the runtime-handler interceptor checks against its configured `known`
-list only.
+list only. A manifest may hold any number of documents, as `kubectl kustomize` and `helm
+template` write them: objects of kinds that have no pods (Services, ConfigMaps, custom
+resources) are listed as skipped (`read_manifests`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -47,16 +50,52 @@ class Pod:
     spec: Mapping[str, Any]
 
 
-def pods_of(documents: list[Any], where: str, namespace: str) -> list[Pod]:
-    out: list[Pod] = []
+@dataclass
+class Skipped:
+    """An object of the manifest with no pods to explain (a Service, a ConfigMap, a CRD, ...)."""
+
+    source: str  # e.g. 'Service shop/web'
+    where: str  # e.g. 'app.yaml (document 2)'
+    kind: str
+
+
+@dataclass
+class Manifest:
+    """What a manifest (or several) holds: the pods to explain, and the objects skipped."""
+
+    pods: list[Pod] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def read_documents(documents: list[Any], where: str, namespace: str) -> Manifest:
+    """The pods of a multi-document stream, as `kubectl kustomize` or `helm template` write it: objects of
+    kinds without pods are skipped (listed), empty documents ignored, anything else not an object is an error."""
+    out = Manifest()
     for i, doc in enumerate(documents):
-        for item in (doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]):
+        for item in (doc.get("items") or [] if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]):
             if item is None:
                 continue
-            out.append(_pod_of(item, f"{where} (document {i + 1})", namespace))
-    if not out:
-        raise ConfigError(f"{where}: no Pod or workload (Deployment, StatefulSet, DaemonSet, Job, CronJob, ...) found")
+            here = f"{where} (document {i + 1})"
+            if isinstance(item, dict) and item.get("kind") not in (None, "Pod", *TEMPLATES):
+                meta: dict[str, Any] = item["metadata"] if isinstance(item.get("metadata"), dict) else {}
+                name = "/".join(str(n) for n in (meta.get("namespace"), meta.get("name", "?")) if n)
+                out.skipped.append(Skipped(f"{item['kind']} {name}", here, str(item["kind"])))
+                continue
+            out.pods.append(_pod_of(item, here, namespace))
     return out
+
+
+def no_pods_error(where: str, manifest: Manifest) -> ConfigError:
+    skipped = "; skipped: " + ", ".join(s.source for s in manifest.skipped) if manifest.skipped else ""
+    return ConfigError(f"{where}: no Pod or workload ({', '.join(TEMPLATES)}) found{skipped}")
+
+
+def pods_of(documents: list[Any], where: str, namespace: str) -> list[Pod]:
+    """The pods of these documents; an error when there is none."""
+    manifest = read_documents(documents, where, namespace)
+    if not manifest.pods:
+        raise no_pods_error(where, manifest)
+    return manifest.pods
 
 
 def _pod_of(item: Any, where: str, namespace: str) -> Pod:
@@ -73,7 +112,7 @@ def _pod_of(item: Any, where: str, namespace: str) -> Pod:
         if not isinstance(template, dict):
             raise ConfigError(f"{where}: {kind} {meta.get('name', '?')} has no {'.'.join(TEMPLATES[kind])}")
     else:
-        raise ConfigError(f"{where}: kind {kind} has no pods; expected Pod or one of {', '.join(TEMPLATES)}")
+        raise ConfigError(f"{where}: kind {kind!r} has no pods; expected Pod or one of {', '.join(TEMPLATES)}")
     tmeta = template.get("metadata") or {}
     name = tmeta.get("name") or meta.get("name") or "unnamed"
     spec = template.get("spec")
@@ -153,7 +192,9 @@ def pod_requests(pod: Pod) -> Iterator[tuple[str, str | None, Message]]:
         name = str(container.get("name", ""))
         where = f"{pod.source} container {name}"
         config = api_pb2.ContainerConfig(metadata=api_pb2.ContainerMetadata(name=name),
-                                         image=api_pb2.ImageSpec(image=str(container.get("image", ""))))
+                                         image=api_pb2.ImageSpec(image=str(container.get("image", ""))),
+                                         command=[str(c) for c in container.get("command") or []],
+                                         args=[str(a) for a in container.get("args") or []])
         config.linux.resources.CopyFrom(container_resources(container, qos, where))
         profile = (container.get("securityContext") or {}).get("seccompProfile") or security.get("seccompProfile")
         config.linux.security_context.seccomp.CopyFrom(_seccomp(profile))
@@ -197,15 +238,40 @@ async def explain_pod(pod: Pod, pipeline: Pipeline) -> list[Explained]:
     return out
 
 
-def load_manifest(text: str, where: str, namespace: str) -> list[Pod]:
+def parse_manifest(text: str, where: str, namespace: str) -> Manifest:
+    """The pods and skipped objects of one manifest file's text (any number of YAML documents)."""
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
-    return pods_of(documents, where, namespace)
+    return read_documents(documents, where, namespace)
 
 
-def render_text(results: list[tuple[Pod, list[Explained]]], policy: str) -> str:
+def read_manifests(paths: list[Path], namespace: str) -> Manifest:
+    """The pods and skipped objects of every file; an error when a file cannot be read or none has a pod."""
+    out = Manifest()
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
+        manifest = parse_manifest(text, str(path), namespace)
+        out.pods += manifest.pods
+        out.skipped += manifest.skipped
+    if not out.pods:
+        raise no_pods_error(", ".join(str(p) for p in paths), out)
+    return out
+
+
+def shown(value: Any) -> str:
+    """A field's value for people: a SecurityProfile as its type (and profile), anything else as Python writes it."""
+    if isinstance(value, Mapping) and "profile_type" in value:
+        ref = value.get("localhost_ref")
+        return str(value["profile_type"]) + (f" {ref}" if ref else "")
+    return repr(value)
+
+
+def render_text(results: list[tuple[Pod, list[Explained]]], policy: str, skipped: list[Skipped] | None = None) -> str:
     lines = [f"policy: {policy}"]
     for pod, calls in results:
         lines.append(f"\n{pod.source} (pod {pod.namespace}/{pod.name})")
@@ -213,17 +279,20 @@ def render_text(results: list[tuple[Pod, list[Explained]]], policy: str) -> str:
             what = "pod sandbox" if call.container is None else f"container {call.container}"
             lines.append(f"  {what} [{call.method.split('/')[1]}]: {call.result.upper()}"
                          + (f" {call.status}: {call.message}" if call.result != "allowed" else ""))
-            lines += [f"    set {c['field']}: {c['from']!r} -> {c['to']!r} (by {c['by']}, from {c['key']})"
+            lines += [f"    set {c['field']}: {shown(c['from'])} -> {shown(c['to'])} (by {c['by']}, from {c['key']})"
                       for c in call.changes]
             lines += [f"    {d['action']}: {d['setting'] or 'call'}{' ' + d['key'] if d['key'] else ''}"
                       f" (rule {d['rule'] or '-'}, {d['mode'] or '-'}): {d['reason']}"
                       for d in call.decisions if d["action"] != "applied"]
             if not call.changes and call.result == "allowed":
                 lines.append("    unchanged")
+    if skipped:
+        lines.append("\nskipped (no pods): " + ", ".join(s.source for s in skipped))
     return "\n".join(lines) + "\n"
 
 
-def render_json(results: list[tuple[Pod, list[Explained]]], policy: str) -> str:
+def render_json(results: list[tuple[Pod, list[Explained]]], policy: str, skipped: list[Skipped] | None = None) -> str:
     return json.dumps({"policy": policy, "pods": [
         {"source": pod.source, "namespace": pod.namespace, "name": pod.name,
-         "calls": [call.__dict__ for call in calls]} for pod, calls in results]}, indent=2, default=str) + "\n"
+         "calls": [call.__dict__ for call in calls]} for pod, calls in results],
+        "skipped": [s.__dict__ for s in skipped or []]}, indent=2, default=str) + "\n"

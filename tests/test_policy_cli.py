@@ -113,8 +113,138 @@ def test_explain_rejects_what_has_no_pods(tmp_path: Path) -> None:
     manifest.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n")
     done = criproxy("explain", str(manifest))
     assert done.returncode == 2
-    assert done.stderr == (f"criproxy: {manifest} (document 1): kind Service has no pods; expected Pod or one of "
-                           "Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, ReplicationController, CronJob\n")
+    assert done.stderr == (f"criproxy: {manifest}: no Pod or workload (Deployment, StatefulSet, DaemonSet, ReplicaSet, "
+                           "Job, ReplicationController, CronJob) found; skipped: Service s\n")
+
+
+#: What `kubectl kustomize` writes (kinds sorted as it sorts them, a List from a generator) and `helm
+#: template` appends (`# Source:` comments, an empty document): workloads among objects without pods.
+KUSTOMIZED = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: criproxy-demo
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: web
+  namespace: criproxy-demo
+---
+apiVersion: v1
+data:
+  nginx.conf: |
+    events {}
+kind: ConfigMap
+metadata:
+  name: web-config-5h2f8k9d7m
+  namespace: criproxy-demo
+---
+apiVersion: v1
+kind: Service
+metadata:
+  labels: {app: web}
+  name: web
+  namespace: criproxy-demo
+spec:
+  ports:
+  - port: 80
+  selector: {app: web}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: criproxy-demo
+spec:
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      annotations:
+        memory-limit.criproxy.io/container.app: 64Mi
+      labels: {app: web}
+    spec:
+      containers:
+      - image: nginx:1.27
+        name: app
+        resources:
+          limits: {cpu: "1", memory: 256Mi}
+      serviceAccountName: web
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: web
+  namespace: criproxy-demo
+spec:
+  maxReplicas: 3
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: policy/v1
+  kind: PodDisruptionBudget
+  metadata: {name: web, namespace: criproxy-demo}
+  spec:
+    minAvailable: 1
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: debug, namespace: criproxy-demo}
+  spec:
+    containers: [{name: shell, image: busybox}]
+---
+# Source: web/templates/servicemonitor.yaml
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: web
+spec:
+  endpoints: [{port: http}]
+---
+# Source: web/templates/empty.yaml
+---
+"""
+
+
+def test_explain_takes_a_kustomize_or_helm_stream_and_lists_what_it_skipped(tmp_path: Path) -> None:
+    manifest = tmp_path / "kustomized.yaml"
+    manifest.write_text(KUSTOMIZED)
+    done = criproxy("explain", "--policies", "policies.yaml", str(manifest))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Deployment criproxy-demo/web (pod criproxy-demo/web)" in done.stdout
+    assert ("    set config.linux.resources.memory_limit_in_bytes: 268435456 -> 67108864 (by resources, from "
+            "memory-limit.criproxy.io/container.app)") in done.stdout
+    assert "Pod criproxy-demo/debug (pod criproxy-demo/debug)" in done.stdout
+    assert done.stdout.endswith(
+        "\nskipped (no pods): Namespace criproxy-demo, ServiceAccount criproxy-demo/web, ConfigMap "
+        "criproxy-demo/web-config-5h2f8k9d7m, Service criproxy-demo/web, HorizontalPodAutoscaler criproxy-demo/web, "
+        "PodDisruptionBudget criproxy-demo/web, ServiceMonitor web\n")
+    report = json.loads(criproxy("explain", "--policies", "policies.yaml", "-o", "json", str(manifest)).stdout)
+    assert [pod["source"] for pod in report["pods"]] == ["Deployment criproxy-demo/web", "Pod criproxy-demo/debug"]
+    assert [(s["kind"], s["where"]) for s in report["skipped"]] == [
+        ("Namespace", f"{manifest} (document 1)"), ("ServiceAccount", f"{manifest} (document 2)"),
+        ("ConfigMap", f"{manifest} (document 3)"), ("Service", f"{manifest} (document 4)"),
+        ("HorizontalPodAutoscaler", f"{manifest} (document 6)"), ("PodDisruptionBudget", f"{manifest} (document 7)"),
+        ("ServiceMonitor", f"{manifest} (document 8)")]
+
+
+def test_explain_still_refuses_what_is_not_a_kubernetes_object(tmp_path: Path) -> None:
+    manifest = tmp_path / "odd.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\njust: a mapping\n")
+    done = criproxy("explain", str(manifest))
+    assert done.returncode == 2
+    assert done.stderr == f"criproxy: {manifest} (document 2): not a Kubernetes object (no kind)\n"
+
+
+def test_explain_over_several_files_needs_a_pod_in_one_of_them(tmp_path: Path) -> None:
+    (tmp_path / "svc.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n")
+    (tmp_path / "pod.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n"
+                                       "  containers: [{name: c, image: x}]\n")
+    done = criproxy("explain", str(tmp_path / "svc.yaml"), str(tmp_path / "pod.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("\nskipped (no pods): Service s\n")
 
 
 POLICY = "apiVersion: criproxy.io/v1alpha1\nkind: AnnotationPolicy\nrules: []\n"

@@ -1,5 +1,6 @@
 /*
- * Minimal pod "pause" process for the criproxy end-to-end tests.
+ * Minimal pod "pause" process for `criproxy demo` and the end-to-end tests
+ * (criproxy/demo/ociimage.py compiles it with gcc -static into the pause image).
  *
  * It does nothing but wait: SIGTERM or SIGINT makes it exit with status 0,
  * and SIGCHLD makes it reap every exited child (it is PID 1 of the pod).
