@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from criproxy import __version__
+from criproxy import demo as demo_cli
 from criproxy.config import SETTINGS, build_config
 from criproxy.errors import ConfigError
 from criproxy.observe.logqueue import DEFAULT_CAPACITY, BackgroundLog
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"criproxy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help=demo_cli.HELP, description=demo_cli.DESCRIPTION,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo_cli.add_arguments(demo)
     serve = commands.add_parser("serve", help="run the proxy", description=DESCRIPTION, epilog=SERVE_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for setting in SETTINGS:
@@ -69,13 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
         "explain", help="show what the proxy would do to the pods of a manifest",
         description="Show, per pod and container of a Kubernetes manifest (Pod, Deployment, StatefulSet, "
         "DaemonSet, ReplicaSet, Job, CronJob, or a List of them), the adjustments and denials criproxy would "
-        "apply, and the rule responsible. Exit status 0 when every call would be allowed, 1 when any would be "
-        "denied or fail, 2 on bad input.", epilog="Example: criproxy explain --policies policies.yaml pod.yaml")
+        "apply, and the rule responsible. A multi-document stream (kubectl kustomize, helm template) may hold "
+        "other kinds too (Service, ConfigMap, ...): they are listed as skipped. Exit status 0 when every call "
+        "would be allowed, 1 when any would be denied or fail, 2 on bad input (or no pod at all).",
+        epilog="Example: criproxy explain --policies policies.yaml docs/examples/criproxy-demo.yaml")
     explain.add_argument("manifests", nargs="+", type=Path, metavar="MANIFEST")
     explain.add_argument("--policies", type=Path, metavar="FILE", help="policy file (default: none, allow all)")
     explain.add_argument("--config", type=Path, metavar="FILE", help="criproxy config file (interceptors)")
     explain.add_argument("--namespace", "-n", default="default", help="namespace of objects that name none")
     explain.add_argument("--output", "-o", choices=("text", "json"), default="text")
+
+    replay = commands.add_parser(
+        "replay", help="show what a policy would change for the calls recorded on the nodes",
+        description="Decide every call of the recordings (criproxy serve --record) again under the policy, with the "
+        "pipeline's own code, and show per pod what would change compared with what was decided when it was "
+        "recorded (or under --baseline): newly denied, no longer denied, denied differently, adjusted differently "
+        "(field, before, after), flagged differently, each with its rule; then a summary. Exit status 0 when no "
+        "call would newly be denied, 1 when one would (a CI gate), 2 on bad input (naming the file and line).",
+        epilog="Example: criproxy replay --policies new/policies.yaml --config criproxy.yaml 'recordings/*.jsonl*'")
+    replay.add_argument("recordings", nargs="+", metavar="RECORDING",
+                        help="a recording file (gzip read as such), a glob, or - for stdin")
+    replay.add_argument("--policies", type=Path, metavar="FILE", required=True, help="the policy to replay under")
+    replay.add_argument("--baseline", type=Path, metavar="FILE",
+                        help="compare with this policy's verdicts instead of the recorded decisions")
+    replay.add_argument("--config", type=Path, metavar="FILE",
+                        help="the nodes' criproxy config file (interceptors, annotation domain)")
+    replay.add_argument("--jobs", "-j", type=int, metavar="N", help="processes (default: every core)")
+    replay.add_argument("--output", "-o", choices=("text", "json"), default="text")
     return parser
 
 
@@ -139,7 +163,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from criproxy.cri.annotations import Lookup
-    from criproxy.explain import explain_pod, load_manifest, render_json, render_text
+    from criproxy.explain import explain_pod, read_manifests, render_json, render_text
     from criproxy.pipeline import Pipeline
     from criproxy.policies.store import load_policy
 
@@ -149,20 +173,41 @@ def _explain(args: argparse.Namespace) -> int:
     pipeline = Pipeline(config.interceptors, lookup=lookup, on_decisions=lambda ctx, decisions: None)
     if args.policies is not None:
         pipeline.policy = load_policy(args.policies, lookup)
-    results = []
-    for path in args.manifests:
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read it: {err.strerror}") from None
-        for pod in load_manifest(text, str(path), args.namespace):
-            results.append((pod, asyncio.run(explain_pod(pod, pipeline))))
+    manifest = read_manifests(args.manifests, args.namespace)  # kinds without pods are listed as skipped
+    results = [(pod, asyncio.run(explain_pod(pod, pipeline))) for pod in manifest.pods]
     render = render_json if args.output == "json" else render_text
-    sys.stdout.write(render(results, pipeline.policy.identity))
+    sys.stdout.write(render(results, pipeline.policy.identity, manifest.skipped))
     return 1 if any(call.result != "allowed" for _, calls in results for call in calls) else 0
 
 
-COMMANDS = {"serve": _serve, "policy": _policy_check, "explain": _explain}
+def _demo(args: argparse.Namespace) -> int:
+    return demo_cli.main(args)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from criproxy.cri.annotations import Lookup
+    from criproxy.policies.store import load_policy
+    from criproxy.replay import NEWLY_DENIED, BadRecording, Replayer, expand, render_json, render_text, replay
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="criproxy replay: %(message)s")
+    config = build_config({}, args.config)
+    lookup = Lookup(config.annotation_domain)
+    new = load_policy(args.policies, lookup)
+    baseline = load_policy(args.baseline, lookup) if args.baseline is not None else None
+    jobs = args.jobs if args.jobs is not None else len(os.sched_getaffinity(0))
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: expected at least 1")
+    paths = expand(args.recordings)
+    try:
+        total = replay(Replayer(config, new, baseline), paths, jobs)
+    except BadRecording as err:
+        raise ConfigError(err.located()) from None
+    render = render_json if args.output == "json" else render_text
+    sys.stdout.write(render(total, new.identity, baseline.identity if baseline is not None else None))
+    return 1 if total.kinds[NEWLY_DENIED] else 0
+
+
+COMMANDS = {"serve": _serve, "policy": _policy_check, "explain": _explain, "demo": _demo, "replay": _replay}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,12 @@ class ServeConfig:
     decision_log: Path | None = None
     #: Rotate the decision log file past this size (5 old files kept).
     decision_log_max_bytes: int = 50 * MiB
+    #: The recording for `criproxy replay`: one JSON line per intercepted call (None: no recording).
+    record: Path | None = None
+    #: Rotate the recording past this size (5 old files kept).
+    record_max_bytes: int = 50 * MiB
+    #: The node's name in the recording; None: the host name.
+    node_name: str | None = None
     #: Calls served at once (streams included); past it a call fails at once with RESOURCE_EXHAUSTED,
     #: so a hung runtime cannot make the proxy queue without bound.
     max_concurrent_calls: int = 1000
@@ -187,6 +193,14 @@ def _log_size(value: Any, where: str) -> int:
     return int(number) * factor
 
 
+def _node_name(value: Any, where: str) -> str:
+    name = _string(value, where)
+    if len(name) > 253 or any(c.isspace() or not c.isprintable() for c in name):
+        raise ConfigError(f"{where}: expected a node name (at most 253 printable characters, no spaces), got "
+                          f"{value!r}")
+    return name
+
+
 def _calls(value: Any, where: str) -> int:
     if isinstance(value, bool) or not str(value).strip().isdigit() or not 1 <= int(str(value)) <= 100_000:
         raise ConfigError(f"{where}: expected a whole number from 1 to 100000, got {value!r}")
@@ -245,6 +259,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("decision-log", _log_path, "FILE",
             "write one JSON line per interceptor/policy decision here (- for stderr); default: main log only"),
     Setting("decision-log-max-bytes", _log_size, "SIZE", "rotate the decision log past this size (default 50Mi)"),
+    Setting("record", _file, "FILE",
+            "record every intercepted call (what its decision was made from and what was decided) as JSON lines "
+            "here, for `criproxy replay`; default: no recording"),
+    Setting("record-max-bytes", _log_size, "SIZE", "rotate the recording past this size (default 50Mi)"),
+    Setting("node-name", _node_name, "NAME", "the node's name in the recording (default: the host name)"),
     Setting("max-concurrent-calls", _calls, "N",
             "calls served at once, streams included; more fail at once with RESOURCE_EXHAUSTED (default 1000)"),
     Setting("container-cache-size", _count, "N",

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from criproxy.metrics import Metrics, NoMetrics
 from criproxy.metrics.prometheus import HttpEndpoint, PrometheusMetrics, health_app
 from criproxy.observe.decisionlog import DecisionLog
 from criproxy.observe.logqueue import background_logs
+from criproxy.observe.record import Recorder
 from criproxy.observe.tracing import Tracing, observe_call, record_decisions, tracing_from_env
 from criproxy.pipeline import DecisionSink, Pipeline, all_of, log_decisions, metrics_sink
 from criproxy.pipeline.index import ContainerIndex
@@ -136,6 +138,8 @@ class Observability:
     tracing: Tracing | None = None
     decision_log: DecisionLog | None = None
     http: HttpEndpoint | None = None
+    #: The recording (--record): every decided call, for `criproxy replay`.
+    recorder: Recorder | None = None
     #: Runs the background tasks (runtime watchers, policy watcher and reloader); /readyz names failing ones.
     supervisor: Supervisor = field(default_factory=Supervisor)
 
@@ -146,6 +150,8 @@ class Observability:
             self.tracing.shutdown()
         if self.decision_log is not None:
             self.decision_log.close()
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 def build_observability(config: ServeConfig, registry: CollectorRegistry | None,
@@ -158,6 +164,15 @@ def build_observability(config: ServeConfig, registry: CollectorRegistry | None,
             decision_log = DecisionLog(path, max_bytes=config.decision_log_max_bytes)
         except OSError as err:
             raise ConfigError(f"--decision-log {config.decision_log}: cannot open it: {err.strerror}") from None
+    recorder = None
+    if config.record is not None:
+        try:
+            recorder = Recorder(config.record, node=config.node_name or socket.gethostname(),
+                                domain=config.annotation_domain, max_bytes=config.record_max_bytes)
+        except OSError as err:
+            if decision_log is not None:
+                decision_log.close()
+            raise ConfigError(f"--record {config.record}: cannot open it: {err.strerror}") from None
     metrics: Metrics = NoMetrics()
     if config.metrics_address is not None or registry is not None:
         metrics = PrometheusMetrics(registry if registry is not None else CollectorRegistry())
@@ -166,7 +181,10 @@ def build_observability(config: ServeConfig, registry: CollectorRegistry | None,
         background.on_drop = metrics.log_records_dropped
     if decision_log is not None:
         decision_log.on_drop = metrics.log_records_dropped
-    return Observability(metrics, tracing, decision_log, supervisor=Supervisor(metrics.background_task_failed))
+    if recorder is not None:
+        recorder.on_drop = metrics.record_dropped
+    return Observability(metrics, tracing, decision_log, recorder=recorder,
+                         supervisor=Supervisor(metrics.background_task_failed))
 
 
 def start_http(config: ServeConfig, obs: Observability, ready: Callable[[], tuple[bool, str]]) -> None:
@@ -189,7 +207,8 @@ def start_http(config: ServeConfig, obs: Observability, ready: Callable[[], tupl
 
 
 def wire_pipeline(pipeline: Pipeline, obs: Observability, policies: PolicyStore | None) -> None:
-    """Send the pipeline's decisions to the log, the decision log, metrics and traces."""
+    """Send the pipeline's decisions to the log, the decision log, metrics and traces, and every decided call to
+    the recording."""
     sinks: list[DecisionSink] = [log_decisions, metrics_sink(obs.metrics)]
     if obs.decision_log is not None:
         if policies is not None:
@@ -199,6 +218,8 @@ def wire_pipeline(pipeline: Pipeline, obs: Observability, policies: PolicyStore 
         sinks.append(record_decisions)
         pipeline.on_context = observe_call
     pipeline.on_decisions = all_of(*sinks)
+    if obs.recorder is not None:
+        pipeline.on_decided = obs.recorder
     if policies is not None:
         obs.metrics.policy_loaded(True, policies.current.identity)
         policies.listeners.append(obs.metrics.policy_loaded)
@@ -295,7 +316,7 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
     inode = publish(temp, config.listen.path, config.socket_mode, config.socket_group)
     # Serving from here on: tell systemd now (under an upgrade it must learn the new main pid before
     # the old process, which sees the rename, exits), not after the runtime answered.
-    notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=serving {config.listen}")
+    notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS=criproxy {__version__} serving {config.listen}")
     try:
         await connect(runtime, image, pipeline, obs.metrics, plane, supervisor=obs.supervisor)
     except BaseException:
@@ -315,11 +336,18 @@ async def _start(config: ServeConfig, hooks: Hooks | None, obs: Observability, r
 async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
     """Serve until SIGTERM or SIGINT, or until a successor takes the socket over (--takeover); then
     drain for the grace period and remove the socket (unless it is the successor's)."""
-    proxy = await start_proxy(config, hooks)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before start_proxy, which tells systemd READY=1: a SIGTERM right after it (`systemctl stop` as
+    # soon as `start` returned) must drain and remove the socket too, not end the process by default.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        proxy = await start_proxy(config, hooks)
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        raise
     if proxy.policies is not None:
         loop.add_signal_handler(signal.SIGHUP, proxy.policies.reload_soon, "SIGHUP")
     watcher = loop.create_task(watch_for_successor(config.listen.path, proxy.socket_inode, stop))

@@ -279,8 +279,12 @@ def test_installer_privileges_are_where_they_are_needed() -> None:
     assert context["capabilities"]["drop"] == ["ALL"]
     assert context["allowPrivilegeEscalation"] is False
     assert context["readOnlyRootFilesystem"] is True
-    host_mounts = {m["mountPath"] for m in sync["volumeMounts"] if m["name"].startswith("host")}
-    assert host_mounts == {"/host/etc/criproxy"}
+    host_mounts = {m["mountPath"]: m.get("readOnly", False) for m in sync["volumeMounts"]
+                   if m["name"].startswith("host")}
+    # /etc/criproxy to write the policy; the node's criproxy logs (the recording) only to be read.
+    assert host_mounts == {"/host/etc/criproxy": False, "/host/var/log/criproxy": True}
+    logs = next(v for v in pod["volumes"] if v["name"] == "host-var-log-criproxy")
+    assert logs["hostPath"]["path"] == "/var/log/criproxy"
     assert sync["readinessProbe"]["exec"]["command"] == ["criproxy-policy-sync", "--ready"]
     assert "install --root /host" in install["args"][0]
     assert "configure-kubelet --root /host" in install["args"][0]
@@ -305,6 +309,8 @@ def test_shipped_config_file_is_what_the_unit_and_the_probes_expect() -> None:
     assert config.policies == Path("/etc/criproxy/policies.yaml")
     assert config.metrics_address == ("127.0.0.1", 9808)
     assert config.decision_log is not None and config.decision_log.parent == Path("/var/log/criproxy")
+    assert config.record is not None and config.record.parent == Path("/var/log/criproxy")  # the unit's LogsDirectory
+    assert config.record_max_bytes == 20 << 20
     probe = daemonset()["spec"]["template"]["spec"]["containers"][0]
     assert probe["ports"][0]["containerPort"] == config.metrics_address[1]
     env = dict(line.split("=", 1) for line in (DEPLOY / "etc/criproxy/criproxy.env").read_text().splitlines()

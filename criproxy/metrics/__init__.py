@@ -27,6 +27,10 @@ class Metrics(Protocol):
     def background_task_failed(self, task: str) -> None:
         """The supervised background task `task` failed (and is being restarted)."""
 
+    def record_dropped(self, count: int) -> None:
+        """`count` more lines of the recording (serve --record) were dropped: its queue was full or the file
+        could not be written."""
+
     def internal_error(self, where: str) -> None:
         """Something failed inside the proxy at `where` (e.g. 'after': observing an answer)."""
 
@@ -50,6 +54,9 @@ class NoMetrics:
         return None
 
     def background_task_failed(self, task: str) -> None:
+        return None
+
+    def record_dropped(self, count: int) -> None:
         return None
 
     def internal_error(self, where: str) -> None:

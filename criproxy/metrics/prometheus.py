@@ -21,6 +21,7 @@ per-call ones, calls to stream messages, are counted by the data plane: criproxy
 | criproxy_runtime_cri_api_info | gauge | role, api | 1 for each CRI API the endpoint speaks |
 | criproxy_log_records_dropped_total | counter | log | log lines dropped (main, decisions): the writer fell behind |
 | criproxy_background_task_failures_total | counter | task | unexpected failures of a background task (restarted) |
+| criproxy_record_dropped_total | counter | | recording lines dropped (serve --record): queue full, file unwritable |
 | criproxy_internal_errors_total | counter | where | failures inside the proxy (after: observing a sent answer) |
 
 `method` is a version-neutral CRI method ('RuntimeService/Version') or 'other' for paths the
@@ -68,6 +69,8 @@ class PrometheusMetrics:
             self.log_drops.labels(log_name)
         self.task_failures = Counter("criproxy_background_task_failures",
                                      "Unexpected failures of a supervised background task", ["task"], registry=r)
+        self.record_drops = Counter("criproxy_record_dropped", "Recording lines dropped (serve --record): the queue "
+                                    "was full or the file could not be written", registry=r)
         self.internal_errors = Counter("criproxy_internal_errors", "Failures inside the proxy, by where they "
                                        "happened (after: observing an answer the caller already has)", ["where"],
                                        registry=r)
@@ -106,6 +109,9 @@ class PrometheusMetrics:
 
     def background_task_failed(self, task: str) -> None:
         self.task_failures.labels(task).inc()
+
+    def record_dropped(self, count: int) -> None:
+        self.record_drops.inc(count)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -102,8 +102,13 @@ class BackgroundLog:
     def submit(self, message: object) -> None:
         """Queue `message` as a record of its own, without formatting it here: the destination takes its str()
         on the writer thread (lines whose encoding should not cost the caller). Dropped and counted when the
-        queue is full, like any record."""
-        self._queueing.enqueue(logging.LogRecord(self.name, logging.INFO, "", 0, message, None, None))
+        queue is full, like any record. The record carries only its name, level and message (a full LogRecord
+        costs the caller more than the rest of this): for a destination that writes `record.msg` itself, such
+        as the recording's file (criproxy.observe.record), not one that formats records."""
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        record.name, record.levelno, record.levelname, record.msg, record.args = (
+            self.name, logging.INFO, "INFO", message, None)
+        self._queueing.enqueue(record)
 
     def count_drop(self) -> None:
         with self._lock:

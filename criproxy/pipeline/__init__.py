@@ -78,6 +78,10 @@ LENIENT = frozenset({"audit", "dry-run"})
 
 #: Receives every call's decisions (the decision log and metrics subscribe here).
 DecisionSink = Callable[[CallContext, Sequence[Decision]], None]
+#: Told of every decided call, whether it had decisions or not (the recording subscribes here): the context
+#: as the call brought it (before policy defaults), what was decided (the Outcome, or the CriProxyError that
+#: failed the call), and the policy that decided it.
+CallSink = Callable[[CallContext, "Outcome | CriProxyError", Policy], None]
 
 
 def all_of(*sinks: DecisionSink) -> DecisionSink:
@@ -112,6 +116,11 @@ class Outcome:
     decisions: tuple[Decision, ...]
     modify: bool = True
 
+    @property
+    def effective(self) -> tuple[Change, ...]:
+        """The changes the runtime gets, those `Pipeline.apply` makes: none when denied or in dry-run."""
+        return self.changes if self.modify and self.denial is None else ()
+
 
 class Pipeline:
     """The relay's Hooks for the enabled interceptors."""
@@ -119,7 +128,8 @@ class Pipeline:
     def __init__(self, interceptors: Sequence[Interceptor], *, lookup: Lookup, policy: Policy | None = None,
                  index: ContainerIndex | None = None, caller: Caller | None = None,
                  on_decisions: DecisionSink = log_decisions,
-                 on_context: Callable[[CallContext], None] | None = None) -> None:
+                 on_context: Callable[[CallContext], None] | None = None,
+                 on_decided: CallSink | None = None) -> None:
         self.interceptors = tuple(interceptors)
         self.lookup = lookup
         #: The policy in force; replaced whole (never mutated) on reload, read once per call.
@@ -129,6 +139,8 @@ class Pipeline:
         self.on_decisions = on_decisions
         #: Told of every intercepted call's context (tracing puts the pod on the call's span).
         self.on_context = on_context
+        #: Told of every decided call and its outcome (the recording); must not raise.
+        self.on_decided = on_decided
         #: What the runtime told of itself; replaced (not mutated) on every reconnect.
         self.facts = RuntimeFacts()
         events = frozenset().union(*(i.events for i in self.interceptors))
@@ -147,7 +159,15 @@ class Pipeline:
             return None
         if self.on_context is not None:
             self.on_context(ctx)
-        outcome = await self.decide(ctx)
+        policy = self.policy  # the one decide() reads: nothing is awaited in between
+        try:
+            outcome = await self.decide(ctx)
+        except CriProxyError as err:
+            if self.on_decided is not None:
+                self.on_decided(ctx, err, policy)
+            raise
+        if self.on_decided is not None:
+            self.on_decided(ctx, outcome, policy)
         if outcome.decisions:
             self.on_decisions(outcome.ctx, outcome.decisions)
         if outcome.denial is not None:
@@ -163,9 +183,9 @@ class Pipeline:
         if not outcome.modify or outcome.denial is not None:
             return [], False
         changed = self._pin(outcome.ctx, request) if outcome.ctx.method == RUN_POD_SANDBOX else False
-        if not outcome.changes:
+        if not outcome.effective:
             return [], changed
-        return self._apply(outcome.ctx, request, list(outcome.changes)), True
+        return self._apply(outcome.ctx, request, list(outcome.effective)), True
 
     async def decide(self, ctx: CallContext) -> Outcome:
         """Everything the pipeline decides about one call, without changing the request.

@@ -106,7 +106,9 @@ class AnnotationPolicy:
         return f"criproxy: {ctx.who} denied by {where} ({self.identity}): {details}"
 
     def _present(self, ctx: CallContext) -> list[tuple[str, str, str]]:
-        """(key, setting, value) of the criproxy annotations that bear on this call."""
+        """(key, setting, value) of the criproxy annotations that bear on this call, by key: a denial lists its
+        violations in this order, and the order of the pod's annotations is not the kubelet's to keep (a decoded
+        protobuf map's order changes from one process to the next), so the message would not be either."""
         out = []
         for key, value in ctx.pod.annotations.items():
             parsed = setting_of(key, self.lookup.domain)  # None for <domain>/applied and other keys
@@ -115,6 +117,7 @@ class AnnotationPolicy:
             setting, container = parsed
             if ctx.method == RUN_POD_SANDBOX or container is None or container == ctx.container:
                 out.append((key, setting, value))
+        out.sort()
         return out
 
     def _violations(self, ctx: CallContext, rule: Rule | None, changes: Sequence[Change]) -> list[Violation]:
