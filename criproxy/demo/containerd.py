@@ -93,9 +93,9 @@ def remove_pods(client: CriClient, pod_ids: list[str], timeout: float = 60.0) ->
     return errors
 
 
-def import_archive(socket_path: Path, archive: Path, timeout: float) -> str | None:
-    """``ctr images import`` of an OCI archive into containerd's k8s.io namespace; the failure, or None."""
-    command = ["ctr", "--address", str(socket_path), "-n", "k8s.io", "images", "import", str(archive)]
+def _ctr(socket_path: Path, args: list[str], timeout: float) -> str | None:
+    """Run ``ctr`` against containerd's k8s.io namespace; the failure (the command, and why), or None."""
+    command = ["ctr", "--address", str(socket_path), "-n", "k8s.io", *args]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -105,21 +105,17 @@ def import_archive(socket_path: Path, archive: Path, timeout: float) -> str | No
     if result.returncode != 0:
         return f"{' '.join(command)} failed with status {result.returncode}:\n{result.stderr}"
     return None
+
+
+def import_archive(socket_path: Path, archive: Path, timeout: float) -> str | None:
+    """``ctr images import`` of an OCI archive into containerd's k8s.io namespace; the failure, or None."""
+    return _ctr(socket_path, ["images", "import", str(archive)], timeout)
 
 
 def remove_image_name(socket_path: Path, ref: str, timeout: float) -> str | None:
     """``ctr images rm``: remove the name ``ref`` only (what ``import_archive`` added; other names of the same
     image stay, unlike CRI RemoveImage, which removes the image with all its names); the failure, or None."""
-    command = ["ctr", "--address", str(socket_path), "-n", "k8s.io", "images", "rm", "--sync", ref]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"{' '.join(command)} timed out after {timeout:.0f}s"
-    except OSError as error:
-        return f"{' '.join(command)}: {error}"
-    if result.returncode != 0:
-        return f"{' '.join(command)} failed with status {result.returncode}:\n{result.stderr}"
-    return None
+    return _ctr(socket_path, ["images", "rm", "--sync", ref], timeout)
 
 
 class Containerd:
