@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use crate::frame::Framer;
 use crate::status::{self, Status};
 use crate::track::Tracker;
-use crate::upstream::Upstream;
+use crate::upstream::{RecvBody, Upstream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -156,7 +156,7 @@ pub fn failure_status(
 
 /// The runtime's response, on its way to the caller.
 pub struct Relayed {
-    inner: Option<Incoming>,
+    inner: Option<RecvBody>,
     framer: Framer,
     trailers: Option<HeaderMap>,
     tracker: Tracker,
@@ -167,7 +167,7 @@ pub struct Relayed {
 
 impl Relayed {
     pub fn new(
-        inner: Incoming,
+        inner: RecvBody,
         limit: usize,
         tracker: Tracker,
         upstream: Arc<Upstream>,

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod routes;
 pub mod seam;
 pub mod server;
+pub mod sock;
 pub mod status;
 pub mod trace;
 pub mod track;

@@ -34,7 +34,7 @@ use crate::seam::{Control, Verdict};
 use crate::status::{self, Status};
 use crate::trace::Tracer;
 use crate::track::{Permit, Tracker};
-use crate::upstream::Upstream;
+use crate::upstream::{RecvBody, Upstream};
 
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 4 << 20;
@@ -168,9 +168,9 @@ async fn send_upstream(
     body: ProxyBody,
     tracker: &mut Tracker,
     tripped: &Tripped,
-) -> Result<(Arc<Upstream>, Response<Incoming>), Status> {
+) -> Result<(Arc<Upstream>, Response<RecvBody>), Status> {
     let upstream = shared.upstream(route.role).clone();
-    let mut sender = upstream
+    let sender = upstream
         .sender()
         .map_err(|why| Status::new(status::UNAVAILABLE, upstream.unreachable(&why)))?;
     let uri = upstream_uri(&parts.uri, route.path.as_deref()).map_err(|e| {
@@ -179,12 +179,12 @@ async fn send_upstream(
             format!("criproxy: cannot address the runtime: {e}"),
         )
     })?;
-    let mut outgoing = Request::new(body);
-    *outgoing.uri_mut() = uri;
-    *outgoing.method_mut() = parts.method;
-    *outgoing.headers_mut() = parts.headers;
+    let mut head = Request::new(());
+    *head.uri_mut() = uri;
+    *head.method_mut() = parts.method;
+    *head.headers_mut() = parts.headers;
     tracker.runtime_started();
-    match sender.send_request(outgoing).await {
+    match crate::upstream::call(sender, head, body).await {
         Ok(response) => Ok((upstream, response)),
         Err(e) => Err(body::failure_status(
             &e,
@@ -438,7 +438,10 @@ async fn connection(
     let _entered = live.enter();
     // grpcio clients send a percent-encoded socket path as :authority, which h2 refuses; the
     // adapter rewrites it for those connections only (see authority.rs).
-    let Ok(io) = crate::authority::accept(stream).await else {
+    let Ok(sock) = crate::sock::Sock::new(stream) else {
+        return;
+    };
+    let Ok(io) = crate::authority::accept(sock).await else {
         return;
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -2,18 +2,30 @@
 //! call is multiplexed on, redialled in the background whenever it ends.
 //!
 //! Notes:
+//! - The client side speaks h2 directly, not through hyper's client: a call's head and its
+//!   (usually only) DATA frame are queued together and leave in one write, where hyper's client
+//!   flushes the head alone and sends the body from a task of its own (strace: two writes and one
+//!   more wake-up per call, and the runtime reads the call in two parts).
+//! - A body is sent as the runtime's flow control allows: a chunk is taken from the caller only
+//!   once the previous one has send capacity, so nothing is buffered beyond the HTTP/2 windows.
 //! - While the runtime is down a call fails at once with UNAVAILABLE naming the endpoint (the
 //!   kubelet retries), instead of waiting for its deadline.
 //! - Redialling waits RECONNECT_INITIAL, doubling to RECONNECT_MAX at most, so the proxy serves
 //!   again within a second of the runtime answering (gRPC's own backoff grows to two minutes).
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Reason, RecvStream, SendStream};
+use http::{Request, Response};
+use http_body::{Body, Frame};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, watch};
 
@@ -37,7 +49,7 @@ pub struct Upstream {
     /// "runtime" or "image".
     pub role: &'static str,
     path: PathBuf,
-    sender: RwLock<Option<SendRequest<ProxyBody>>>,
+    sender: RwLock<Option<SendRequest<Bytes>>>,
     last_error: Mutex<String>,
     connected: AtomicBool,
     pub reconnects: AtomicU64,
@@ -61,10 +73,10 @@ impl Upstream {
     }
 
     /// The connection to send a call on, or why there is none.
-    pub fn sender(&self) -> Result<SendRequest<ProxyBody>, String> {
+    pub fn sender(&self) -> Result<SendRequest<Bytes>, String> {
         match self.sender.read().expect("upstream lock").as_ref() {
-            Some(s) if !s.is_closed() => Ok(s.clone()),
-            _ => Err(self.last_error.lock().expect("upstream lock").clone()),
+            Some(s) => Ok(s.clone()),
+            None => Err(self.last_error.lock().expect("upstream lock").clone()),
         }
     }
 
@@ -131,14 +143,14 @@ impl Upstream {
         let stream = UnixStream::connect(&self.path)
             .await
             .map_err(|e| format!("connect {}: {e}", self.path.display()))?;
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .initial_stream_window_size(STREAM_WINDOW)
+        let stream = crate::sock::Sock::new(stream)
+            .map_err(|e| format!("connect {}: {e}", self.path.display()))?;
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_header_list_size(1 << 20);
-        let (sender, conn) = builder
-            .handshake(TokioIo::new(stream))
+            .max_header_list_size(1 << 20)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         let (done_tx, done_rx) = oneshot::channel::<String>();
@@ -152,5 +164,141 @@ impl Upstream {
         *self.sender.write().expect("upstream lock") = Some(sender);
         self.connected.store(true, Ordering::Relaxed);
         Ok(done_rx)
+    }
+}
+
+/// Send one call on `sender`: its head and, in the same write when it is at hand, its first body
+/// chunk; the rest of the body follows from a task of its own as the runtime's windows allow.
+pub async fn call(
+    sender: SendRequest<Bytes>,
+    head: Request<()>,
+    body: ProxyBody,
+) -> Result<Response<RecvBody>, h2::Error> {
+    let mut sender = sender.ready().await?;
+    let eos = body.is_end_stream();
+    let (response, send) = sender.send_request(head, eos)?;
+    if !eos {
+        let mut pump = Pump {
+            body,
+            send,
+            waiting: false,
+        };
+        // Most calls' one message is already here: queue it now, beside the head.
+        let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut pump).poll(cx))).await;
+        if first.is_pending() {
+            tokio::spawn(pump);
+        }
+    }
+    Ok(response.await?.map(RecvBody::new))
+}
+
+/// A caller's body on its way into an h2 stream.
+struct Pump {
+    body: ProxyBody,
+    send: SendStream<Bytes>,
+    /// A chunk was sent beyond the stream's capacity: wait until the window covers it before
+    /// taking another from the caller.
+    waiting: bool,
+}
+
+impl Future for Pump {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            // The runtime reset the stream: nothing more to send (the response says why).
+            if this.send.poll_reset(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            if this.waiting {
+                while this.send.capacity() == 0 {
+                    match ready!(this.send.poll_capacity(cx)) {
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return Poll::Ready(()),
+                    }
+                }
+                // Give back what is not needed yet, so an idle caller pins no window.
+                this.send.reserve_capacity(0);
+                this.waiting = false;
+            }
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = this.body.is_end_stream();
+                        // h2 queues the chunk even without capacity (a new stream has none
+                        // until its head is written) and sends it as the windows allow.
+                        if this.send.send_data(data, eos).is_err() || eos {
+                            return Poll::Ready(());
+                        }
+                        this.send.reserve_capacity(1);
+                        this.waiting = true;
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = this.send.send_trailers(trailers);
+                            return Poll::Ready(());
+                        }
+                    }
+                },
+                // The caller's body failed (it cancelled, or sent more than the limit).
+                Some(Err(_)) => {
+                    this.send.send_reset(Reason::CANCEL);
+                    return Poll::Ready(());
+                }
+                None => {
+                    let _ = this.send.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+/// The runtime's response body: DATA frames, then the trailers. Received bytes are given back
+/// to the runtime's window as each chunk is taken, so the runtime sends only what the caller
+/// takes (plus the windows).
+pub struct RecvBody {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl RecvBody {
+    fn new(recv: RecvStream) -> Self {
+        RecvBody {
+            recv,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }
