@@ -100,9 +100,13 @@ def metrics_sink(metrics: Metrics) -> DecisionSink:
 
 
 def log_decisions(ctx: CallContext, decisions: Sequence[Decision]) -> None:
-    for d in decisions:
-        log.info("%s %s: %s %s%s (rule %s, %s mode): %s", ctx.method, ctx.who, d.action, d.setting or "call",
-                 f" {d.key}={d.value!r}" if d.key else "", d.rule or "-", d.mode, d.reason)
+    """One main-log line per call, its decisions in order, separated by "; " (a call's decisions are
+    read together, and one record per call keeps the event loop's logging cost flat)."""
+    if not decisions or not log.isEnabledFor(logging.INFO):
+        return
+    log.info("%s %s: %s", ctx.method, ctx.who, "; ".join(
+        f"{d.action} {d.setting or 'call'}{f' {d.key}={d.value!r}' if d.key else ''} (rule {d.rule or '-'}, "
+        f"{d.mode} mode): {d.reason}" for d in decisions))
 
 
 @dataclass(frozen=True, slots=True)
