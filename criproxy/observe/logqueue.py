@@ -24,9 +24,9 @@ DEFAULT_CAPACITY = 10_000
 #: (a pipe nobody reads) must not keep the process from exiting.
 FLUSH_TIMEOUT_S = 5.0
 
-#: How long the writer lets records gather before it writes the next ones: an intercepted call logs
-#: a line per decision, and waking the writer thread for each (a thread switch and the GIL handed
-#: over, each time) cost the loop more than the lines themselves. The first record after a quiet
+#: How long the writer lets records gather before it writes the next ones: calls come in bursts (a
+#: pod's containers, a node's restart), and waking the writer thread for each line (a thread switch
+#: and the GIL handed over, each time) cost the loop more than the lines themselves. The first record after a quiet
 #: spell is written at once; those right behind it wait this long at most.
 WRITE_LINGER_S = 0.05
 
