@@ -43,10 +43,14 @@ from collections.abc import Mapping
 log = logging.getLogger(__name__)
 
 #: Bytes glibc keeps at the top of the heap when it trims (and adds whenever it grows it): room for
-#: one ~1 MB answer's buffers (the heap grows by ~2.7 MB per call) to be reused call after call.
-#: Measured (ListContainers faults per call, with the same pad as a GLIBC_TUNABLES top_pad): 2 MiB
-#: 244, 3 MiB 1, 4 and 6 MiB 0; with this module's settings, 0-15 (8-10 in the runs above).
-MALLOC_TOP_PAD = 4 << 20
+#: one large answer's buffers to be reused call after call. With the grpc.aio relay (Python held
+#: every answer, the heap grew by ~2.7 MB per ListContainers) 4 MiB was needed (faults per call with
+#: 2 MiB: 244). Since the native data plane carries answers as HTTP/2 frames, 2 MiB is enough.
+#: Measured (bench/forwarding.py --quick, the same run, GLIBC_TUNABLES variants beside this one):
+#: ListContainers page faults per call 0 with 4 MiB and with 2 MiB, proxy CPU per call 529 and 535 us
+#: (447 and 458 in another run; 1 MiB: 523, none: 873); peak RSS after 64 clients 71.3 -> 66.0 MiB
+#: (69.2 -> 64.8; 1 MiB: 65.3, none: 62.4).
+MALLOC_TOP_PAD = 2 << 20
 #: Allocations at least this large get their own mapping (released at once when freed); smaller
 #: ones come from the heap. Must be set explicitly: mallopt(M_TOP_PAD) turns the dynamic
 #: threshold off, leaving 128 KiB.
