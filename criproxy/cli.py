@@ -132,12 +132,13 @@ def configure_logging(level: str, *, stream: TextIO | None = None,
 
 
 def _policy_check(args: argparse.Namespace) -> int:
-    from criproxy.interceptors.seccomp import LEGACY_CONTAINER, LEGACY_POD, SETTING, SeccompInterceptor
+    from criproxy.interceptors.seccomp import LEGACY_CONTAINER, LEGACY_POD, SETTING, SeccompConfig
     from criproxy.policies.model import check_policy, parse_policy
     from criproxy.policies.store import file_problem
 
-    legacy = args.config is not None and any(isinstance(i, SeccompInterceptor) and i.config.legacy_annotations
-                                             for i in build_config({}, args.config).interceptors)
+    # The enabled seccomp interceptor's settings say it: no interceptor needs to be built for that.
+    legacy = args.config is not None and any(isinstance(s.settings, SeccompConfig) and s.settings.legacy_annotations
+                                             for s in build_config({}, args.config).interceptors)
     failed = False
     for path in args.files:
         try:
@@ -164,13 +165,14 @@ def _policy_check(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from criproxy.cri.annotations import Lookup
     from criproxy.explain import explain_pod, read_manifests, render_json, render_text
+    from criproxy.interceptors import build
     from criproxy.pipeline import Pipeline
     from criproxy.policies.store import load_policy
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="criproxy explain: %(message)s")
     config = build_config({}, args.config)
     lookup = Lookup(config.annotation_domain)
-    pipeline = Pipeline(config.interceptors, lookup=lookup, on_decisions=lambda ctx, decisions: None)
+    pipeline = Pipeline(build(config.interceptors, lookup), lookup=lookup, on_decisions=lambda ctx, decisions: None)
     if args.policies is not None:
         pipeline.policy = load_policy(args.policies, lookup)
     manifest = read_manifests(args.manifests, args.namespace)  # kinds without pods are listed as skipped

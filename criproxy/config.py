@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from criproxy.cri.annotations import DEFAULT_DOMAIN, Lookup, annotation_key_problem
+from criproxy.cri.annotations import DEFAULT_DOMAIN, annotation_key_problem
 from criproxy.errors import ConfigError
-from criproxy.interceptors import BUILTIN, Interceptor, build_interceptors
+from criproxy.interceptors import BUILTIN, InterceptorSpec, read_interceptors
 from criproxy.pipeline.index import DEFAULT_MAX_ENTRIES
 from criproxy.transport.endpoints import Endpoint, parse_endpoint
 from criproxy.transport.sockets import TEMPORARY_SUFFIX_BYTES
@@ -53,8 +53,9 @@ class ServeConfig:
     log_level: str = "INFO"
     #: The domain of criproxy's annotation keys (`<setting>.<domain>/pod`).
     annotation_domain: str = DEFAULT_DOMAIN
-    #: The interceptors that run, in order (the config file's `interceptors:` list and sections).
-    interceptors: tuple[Interceptor, ...] = ()
+    #: The interceptors that run, in order, each with its checked settings (the config file's `interceptors:`
+    #: list and sections); plain data: criproxy.interceptors.build makes the objects where they run.
+    interceptors: tuple[InterceptorSpec, ...] = ()
     #: How many containers the container index remembers before it evicts the least recently used.
     container_cache_size: int = DEFAULT_MAX_ENTRIES
     #: The policies file; None: every enabled interceptor's changes stand (no policy).
@@ -313,6 +314,5 @@ def build_config(flags: Mapping[str, Any], config_file: Path | None) -> ServeCon
     where = f"config file {config_file}" if config_file is not None else "defaults"
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         raise ConfigError(f"{where}: interceptors: expected a list of interceptor names, got {names!r}")
-    lookup = Lookup(values.get("annotation_domain", DEFAULT_DOMAIN))
-    values["interceptors"] = build_interceptors(names, file, lookup, where)
+    values["interceptors"] = read_interceptors(names, file, where)
     return ServeConfig(config_file=config_file, **values)

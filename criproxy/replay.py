@@ -46,6 +46,7 @@ from criproxy.cri.annotations import Lookup
 from criproxy.cri.context import RUN_POD_SANDBOX, UPDATE_CONTAINER_RESOURCES, PodInfo
 from criproxy.errors import ConfigError, CriProxyError
 from criproxy.explain import Explained
+from criproxy.interceptors import build
 from criproxy.observe.record import (
     CONTAINER_ID,
     SANDBOX_ID,
@@ -122,7 +123,7 @@ class Judge:
 
     def __init__(self, config: ServeConfig, policy: Policy) -> None:
         self.lookup = Lookup(config.annotation_domain)
-        self.pipeline = Pipeline(config.interceptors, lookup=self.lookup, on_decisions=_ignore)
+        self.pipeline = Pipeline(build(config.interceptors, self.lookup), lookup=self.lookup, on_decisions=_ignore)
         self.pipeline.policy = policy
         self.identity = policy.identity
         self._pinned_key = f"{self.lookup.domain}/pinned"

@@ -22,6 +22,7 @@ from criproxy import __version__
 from criproxy.config import STDERR, ServeConfig
 from criproxy.cri.annotations import Lookup
 from criproxy.errors import ConfigError
+from criproxy.interceptors import build
 from criproxy.metrics import Metrics, NoMetrics
 from criproxy.metrics.prometheus import HttpEndpoint, PrometheusMetrics, health_app
 from criproxy.observe.decisionlog import DecisionLog
@@ -111,7 +112,8 @@ def build_pipeline(config: ServeConfig, runtime: Upstream) -> Pipeline | None:
     async def caller(key: str, request: Message) -> Any:
         return await call_typed(runtime, key, request)
 
-    return Pipeline(config.interceptors, lookup=Lookup(config.annotation_domain),
+    lookup = Lookup(config.annotation_domain)
+    return Pipeline(build(config.interceptors, lookup), lookup=lookup,
                     index=ContainerIndex(config.container_cache_size), caller=caller)
 
 

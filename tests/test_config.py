@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from criproxy import server
 from criproxy.config import DEFAULT_MAX_MESSAGE_BYTES, build_config
+from criproxy.cri.annotations import Lookup
 from criproxy.errors import ConfigError
+from criproxy.interceptors import InterceptorSpec, build
+from criproxy.interceptors.resources import ResourcesConfig, ResourcesInterceptor
+from criproxy.interceptors.seccomp import SeccompConfig, SeccompInterceptor
 from criproxy.transport import endpoints
 from criproxy.transport.endpoints import parse_endpoint
 
@@ -68,6 +75,44 @@ def test_bad_flag_values(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         build_config({key: value}, None)
     assert str(caught.value) == message
+
+
+def values(value: Any) -> Iterator[Any]:
+    """`value` and everything inside it: dataclass fields, tuple, frozenset and mapping members."""
+    yield value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        inner: Any = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, tuple | list | frozenset | set):
+        inner = value
+    elif isinstance(value, dict):
+        inner = [*value, *value.values()]
+    else:
+        return
+    for item in inner:
+        yield from values(item)
+
+
+def test_the_config_is_plain_data_and_interceptors_are_built_from_it(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("interceptors: [seccomp, resources]\n"
+                    "seccomp: {profile-root: /opt/seccomp, legacy-annotations: true}\n"
+                    "resources: {allow-loosening: [memory-limit], unified-keys: [pids.max]}\n")
+    config = build_config({}, file)
+    assert not [v for v in values(config) if hasattr(v, "adjust")]  # no interceptor objects, only values
+    again = build_config({}, file)
+    assert config == again and hash(config.interceptors) == hash(again.interceptors)
+    assert config.interceptors == (
+        InterceptorSpec("seccomp", SeccompConfig(profile_root=Path("/opt/seccomp"), legacy_annotations=True)),
+        InterceptorSpec("resources", ResourcesConfig(allow_loosening=frozenset({"memory-limit"}),
+                                                     unified_keys=frozenset({"pids.max"})),
+    ))
+    lookup = Lookup("example.com")
+    first, second = build(config.interceptors, lookup), build(config.interceptors, lookup)
+    assert [type(i) for i in first] == [type(i) for i in second] == [SeccompInterceptor, ResourcesInterceptor]
+    assert all(a is not b for a, b in zip(first, second, strict=True))  # every build makes new objects
+    assert [(i.config, i.lookup) for i in first] == [(i.config, i.lookup) for i in second] == [  # type: ignore[attr-defined]
+        (spec.settings, lookup) for spec in config.interceptors]
+    assert build_config({}, file) == config  # building changed nothing in the config
 
 
 def test_unknown_key_in_file_lists_known_ones(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from criproxy.errors import ConfigError
 from criproxy.interceptors.resources import ResourcesConfig
 from criproxy.interceptors.runtime_handler import RuntimeHandlerConfig
 from criproxy.interceptors.seccomp import SeccompConfig
+from criproxy.server import build_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 HANDLER_NAME = "expected a runtime handler name (a DNS label: lower-case letters, digits and '-', at most 63)"
@@ -42,6 +44,13 @@ def names(config: ServeConfig) -> list[str]:
     return [i.name for i in config.interceptors]
 
 
+def served(config: ServeConfig) -> list[Any]:
+    """The interceptors `criproxy serve` runs with `config` (the runtime is only called during calls)."""
+    pipeline = build_pipeline(config, runtime=None)  # type: ignore[arg-type]
+    assert pipeline is not None and pipeline.lookup == Lookup(config.annotation_domain)
+    return list(pipeline.interceptors)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -61,7 +70,7 @@ def test_interceptor_order(file: Path, text: str, expected: list[str]) -> None:
 def test_defaults_without_a_file() -> None:
     config = build_config({}, None)
     assert names(config) == ["runtime-handler", "seccomp", "resources"]
-    assert all(i.lookup == Lookup() for i in config.interceptors)  # type: ignore[attr-defined]
+    assert [i.lookup for i in served(config)] == [Lookup()] * 3
 
 
 def test_sections_configure_their_interceptor(file: Path) -> None:
@@ -70,7 +79,7 @@ def test_sections_configure_their_interceptor(file: Path) -> None:
         "seccomp: {profile-root: /opt/seccomp, legacy-annotations: true}\n"
         "resources:\n  allow-loosening: [memory-limit, hugepages-2mi, unified.pids.max, '*']\n"
         "  unified-keys: [memory.high, pids.max]\n"))
-    by_name = {i.name: i.config for i in config.interceptors}  # type: ignore[attr-defined]
+    by_name = {i.name: i.settings for i in config.interceptors}
     assert by_name == {
         "runtime-handler": RuntimeHandlerConfig(default="kata", known=frozenset({"runc", "kata"})),
         "seccomp": SeccompConfig(profile_root=Path("/opt/seccomp"), legacy_annotations=True),
@@ -82,7 +91,7 @@ def test_sections_configure_their_interceptor(file: Path) -> None:
 
 def test_empty_sections_take_the_defaults(file: Path) -> None:
     config = load(file, "runtime-handler:\nseccomp: {}\nresources:\n")
-    assert [i.config for i in config.interceptors] == [  # type: ignore[attr-defined]
+    assert [i.settings for i in config.interceptors] == [
         RuntimeHandlerConfig(), SeccompConfig(), ResourcesConfig()]
     assert SeccompConfig().profile_root == Path("/var/lib/kubelet/seccomp")
 
@@ -154,10 +163,9 @@ def test_unknown_key_in_a_section_names_file_and_section(file: Path, text: str, 
 _PROBE = """
 import sys
 from criproxy.interceptors import BUILTIN
-from criproxy.cri.annotations import Lookup
 for name in BUILTIN:
     try:
-        BUILTIN[name]({"x": 1}, name, Lookup())
+        BUILTIN[name].parse({"x": 1}, name)
     except Exception as err:
         print(err)
 """
@@ -224,7 +232,7 @@ def test_domain_reaches_every_interceptor(file: Path, flags: dict[str, object], 
                                           cache: int) -> None:
     config = load(file, text, **flags)
     assert (config.annotation_domain, config.container_cache_size) == (domain, cache)
-    assert [i.lookup for i in config.interceptors] == [Lookup(domain)] * 3  # type: ignore[attr-defined]
+    assert [i.lookup for i in served(config)] == [Lookup(domain)] * 3
 
 
 def test_domain_too_long_for_the_documented_keys_is_refused() -> None:
