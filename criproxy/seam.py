@@ -7,7 +7,7 @@ Hooks. Neither imports the other.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,8 +40,10 @@ class Hooks(Protocol):
         the caller's bytes unchanged; raise a CriProxyError to refuse with its status."""
         ...
 
-    async def after(self, call: Call, request: Message, response: bytes) -> None:
-        """Observe a successful response (already on its way to the caller, unchanged)."""
+    def after(self, call: Call, request: Message, response: bytes) -> Awaitable[None] | None:
+        """Observe a successful response (already on its way to the caller, unchanged). Called on the
+        event loop as the answer arrives: what needs no waiting is done at once and None returned; an
+        awaitable returned (an `async def after`) is run as a task of its own."""
         ...
 
 
@@ -53,5 +55,5 @@ class NoHooks:
     async def before(self, call: Call, request: Message) -> Message | None:
         return None
 
-    async def after(self, call: Call, request: Message, response: bytes) -> None:
+    def after(self, call: Call, request: Message, response: bytes) -> None:
         return None

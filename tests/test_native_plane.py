@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.config import ServeConfig
+from criproxy.metrics import NoMetrics
 from criproxy.seam import Call
 from criproxy.server import Proxy, start_proxy
 from tests.support.fakeruntime import FakeRuntime, Reply
@@ -35,6 +36,7 @@ class ScriptedHooks:
         self.entered = threading.Event()
         self.seen: list[Message] = []
         self.after_raises = False
+        self.after_waits = True  # an `async def after`; False: a plain function, as Pipeline.after is
         self.observed: list[bytes] = []
 
     async def before(self, call: Call, request: Message) -> Message | None:
@@ -46,10 +48,28 @@ class ScriptedHooks:
             await threading_never()
         return None
 
-    async def after(self, call: Call, request: Message, response: bytes) -> None:
+    def after(self, call: Call, request: Message, response: bytes) -> Awaitable[None] | None:
+        if self.after_waits:
+            return self._after(response)
+        self._observed(response)
+        return None
+
+    async def _after(self, response: bytes) -> None:
+        await asyncio.sleep(0)
+        self._observed(response)
+
+    def _observed(self, response: bytes) -> None:
         self.observed.append(response)
         if self.after_raises:
             raise RuntimeError("the index broke")
+
+
+class CountingMetrics(NoMetrics):
+    def __init__(self) -> None:
+        self.internal: list[str] = []
+
+    def internal_error(self, where: str) -> None:
+        self.internal.append(where)
 
 
 async def threading_never() -> None:
@@ -117,13 +137,16 @@ def test_hooks_that_never_answer_fail_the_call_closed_at_its_deadline(hooked: Pr
         assert api_pb2.VersionResponse.FromString(raw).runtime_name == "fake-runtime"
 
 
+@pytest.mark.parametrize("waits", [True, False], ids=["async-after", "plain-after"])
 def test_a_failing_after_never_changes_the_callers_answer(hooked: Proxy, hooks: ScriptedHooks,
-                                                         own_fake: FakeRuntime) -> None:
-    hooks.after_raises = True
+                                                         own_fake: FakeRuntime, waits: bool) -> None:
+    hooks.after_raises, hooks.after_waits = True, waits
+    metrics = hooked.plane.metrics = CountingMetrics()
     own_fake.script("RuntimeService/CreateContainer", Reply(messages=[b"\x0a\x03cid"]))
     with grpc.insecure_channel(hooked.config.listen.target) as chan:
         assert chan.unary_unary(CREATE)(create_request(), timeout=5) == b"\x0a\x03cid"
     eventually(lambda: hooks.observed == [b"\x0a\x03cid"], "after() observed the answer")
+    eventually(lambda: metrics.internal == ["after"], "the failure counted as an internal error in after")
     assert len(own_fake.received("RuntimeService/CreateContainer")) == 1
 
 

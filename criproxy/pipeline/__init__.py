@@ -250,7 +250,8 @@ class Pipeline:
                 log.warning("cannot rebuild the container index: %s: %s; containers will be looked up on demand",
                             err.code().name, err.details())
 
-    async def after(self, call: Call, request: Message, response: bytes) -> None:
+    def after(self, call: Call, request: Message, response: bytes) -> None:
+        """Index what the runtime created and forget what it removed (nothing here waits)."""
         if not self.uses_index:
             return
         key = call.method.key

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -174,15 +175,25 @@ class NativePlane:
         if code != 0 or response is None or call.state is None:
             return
         hooked, request = call.state
-        task = asyncio.get_running_loop().create_task(self._observe(hooked, request, response),
+        try:
+            pending = self.hooks.after(hooked, request, response)
+        except Exception:  # observation only: the caller has its answer already
+            self._after_failed(hooked)
+            return
+        if pending is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._observe(hooked, pending),
                                                       name=f"criproxy-after {call.method}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _observe(self, hooked: Call, request: Message, response: bytes) -> None:
+    async def _observe(self, hooked: Call, pending: Awaitable[None]) -> None:
         try:
-            await self.hooks.after(hooked, request, response)
-        except Exception:  # observation only: the caller has its answer already
-            log.exception("criproxy: observing the answer to %s failed (the caller's answer is unchanged)",
-                          hooked.method.key)
-            self.metrics.internal_error("after")
+            await pending
+        except Exception:
+            self._after_failed(hooked)
+
+    def _after_failed(self, hooked: Call) -> None:
+        log.exception("criproxy: observing the answer to %s failed (the caller's answer is unchanged)",
+                      hooked.method.key)
+        self.metrics.internal_error("after")
