@@ -10,12 +10,11 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
-from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from criproxy import __version__
@@ -28,7 +27,7 @@ from criproxy.metrics.prometheus import HttpEndpoint, PrometheusMetrics, health_
 from criproxy.observe.decisionlog import DecisionLog
 from criproxy.observe.logqueue import background_logs
 from criproxy.observe.record import Recorder
-from criproxy.observe.tracing import Tracing, observe_call, record_decisions, tracing_from_env
+from criproxy.observe.tracing import observe_call, record_decisions, tracing_from_env
 from criproxy.pipeline import DecisionSink, Pipeline, all_of, log_decisions, metrics_sink
 from criproxy.pipeline.index import ContainerIndex
 from criproxy.policies import Policy
@@ -40,6 +39,11 @@ from criproxy.transport.plane import NativePlane, PlaneSettings
 from criproxy.transport.sdnotify import notify
 from criproxy.transport.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
 from criproxy.transport.upstream import Upstream, call_typed
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from criproxy.observe.tracing_sdk import Tracing
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +28,7 @@ from tests.support.fakeruntime import FakeRuntime, Reply
 from tests.support.loopthread import LoopThread
 from tests.support.waiting import eventually
 
+ROOT = Path(__file__).resolve().parent.parent
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 SECRET = "s3cr3t-Planted-Cr3dential-9f2c"
@@ -250,3 +254,41 @@ def test_a_sampler_that_samples_nothing_costs_nothing(monkeypatch: pytest.Monkey
     on = tracing_from_env(os.environ)
     assert on is not None  # a caller's sampled trace is still continued
     on.shutdown()
+
+
+#: Run in a fresh interpreter: build what `criproxy serve` builds for observation (metrics off, so
+#: nothing listens), then print whether tracing is on and which OpenTelemetry SDK modules are loaded.
+SERVE_IMPORTS = """
+import sys
+import criproxy.cli
+from criproxy.config import build_config
+from criproxy.server import build_observability
+config = build_config({"listen": "unix:///nonexistent/px.sock", "runtime-endpoint": "unix:///nonexistent/rt.sock",
+                       "metrics-address": "off"}, None)
+obs = build_observability(config, None, None)
+print(type(obs.tracing).__name__)
+obs.close()
+print(",".join(sorted(m for m in sys.modules if m.startswith("opentelemetry.sdk"))))
+"""
+
+
+def serve_imports(**otel: str) -> tuple[str, list[str]]:
+    """What SERVE_IMPORTS prints under only the OTEL_* variables given: (Tracing's type name, SDK modules)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | otel
+    done = subprocess.run([sys.executable, "-c", SERVE_IMPORTS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    tracing, sdk = done.stdout.splitlines()
+    return tracing, [m for m in sdk.split(",") if m]
+
+
+def test_tracing_off_never_loads_the_opentelemetry_sdk() -> None:
+    tracing, sdk = serve_imports()
+    assert tracing == "NoneType"
+    assert sdk == []  # the SDK (and its memory) stays out of a proxy that does not trace
+
+
+def test_tracing_on_loads_the_sdk_and_builds_tracing() -> None:
+    tracing, sdk = serve_imports(OTEL_TRACES_EXPORTER="console")
+    assert tracing == "Tracing"
+    assert "opentelemetry.sdk.trace" in sdk

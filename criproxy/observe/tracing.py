@@ -4,8 +4,8 @@ The kubelet (KubeletTracing) sends a W3C `traceparent` in the call's gRPC metada
 and CRI-O read it. The data plane (native/src/trace.rs) decides whether a call is sampled, makes
 the proxy's span a child of the caller's, and sends the proxy span's context upstream, so one
 trace runs kubelet -> criproxy -> runtime. It times the span and queues the finished record;
-this module turns records into OpenTelemetry spans and exports them, on a thread of its own, off
-every call's path.
+Tracing (criproxy.observe.tracing_sdk) turns records into OpenTelemetry spans and exports them, on
+a thread of its own, off every call's path.
 
 Configured by the standard OpenTelemetry environment variables: OTEL_TRACES_EXPORTER
 (`otlp`, `console`, or `none`, the default: tracing off, and then nothing here runs),
@@ -16,27 +16,28 @@ parentbased_ forms; always_off turns tracing off) / OTEL_TRACES_SAMPLER_ARG, OTE
 Spans carry the OpenTelemetry RPC attributes; an intercepted call's span also the Kubernetes
 ones and one event per decision (SpanNotes, collected while the pipeline decides). Never a
 request body, so never PullImage credentials.
+
+This module needs only the OpenTelemetry API. What needs the SDK (Tracing, the span notes, the
+exporters) is in criproxy.observe.tracing_sdk, imported only when tracing is on: with tracing off
+the SDK is never loaded.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from criproxy import __version__
 from criproxy.cri.context import CallContext
 from criproxy.errors import ConfigError
 from criproxy.policies import Decision
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from criproxy.observe.tracing_sdk import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -44,97 +45,6 @@ log = logging.getLogger(__name__)
 #: OTEL_TRACES_SAMPLER values the data plane implements (always_off turns tracing off instead).
 SAMPLERS = ("always_on", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
-#: Notes kept for spans whose record has not arrived yet, at most (older ones are dropped).
-MAX_PENDING_NOTES = 10_000
-
-
-class SpanNotes(trace.Span):
-    """What the pipeline says about an intercepted call's span (attributes and decision events),
-    kept until the data plane's record of that span arrives. Current for the call's task while
-    the pipeline decides, so observe_call and record_decisions write here."""
-
-    def __init__(self, context: trace.SpanContext) -> None:
-        self.context = context
-        self.attributes: dict[str, Any] = {}
-        self.events: list[Event] = []
-
-    def get_span_context(self) -> trace.SpanContext:
-        return self.context
-
-    def is_recording(self) -> bool:
-        return True
-
-    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        self.attributes.update(attributes)
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
-
-    def add_event(self, name: str, attributes: Mapping[str, Any] | None = None,
-                  timestamp: int | None = None) -> None:
-        self.events.append(Event(name, attributes, timestamp if timestamp is not None else time.time_ns()))
-
-    def end(self, end_time: int | None = None) -> None:
-        return None
-
-    def update_name(self, name: str) -> None:
-        return None
-
-    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        return None
-
-    def record_exception(self, exception: BaseException, attributes: Mapping[str, Any] | None = None,
-                         timestamp: int | None = None, escaped: bool = False) -> None:
-        return None
-
-
-#: One finished span from the data plane: trace id, span id, parent span id, path, start and end
-#: (ns since the epoch), gRPC status code.
-SpanRecord = tuple[bytes, bytes, bytes | None, str, int, int, int]
-
-
-class Tracing:
-    def __init__(self, provider: TracerProvider, processor: SpanProcessor, sampler: str = "parentbased_always_on",
-                 ratio: float = 1.0) -> None:
-        self.provider = provider
-        self.processor = processor
-        self.sampler = sampler
-        self.ratio = ratio
-        self.scope = InstrumentationScope("criproxy", __version__)
-        self.notes: OrderedDict[bytes, SpanNotes] = OrderedDict()
-
-    def notes_for(self, trace_id: bytes, span_id: bytes) -> SpanNotes:
-        """Notes for the span of an intercepted call (attach them as the current span)."""
-        context = trace.SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"),
-                                    is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
-        notes = self.notes[span_id] = SpanNotes(context)
-        while len(self.notes) > MAX_PENDING_NOTES:
-            self.notes.popitem(last=False)
-        return notes
-
-    def export(self, record: SpanRecord) -> None:
-        trace_id, span_id, parent_id, path, start, end, code = record
-        flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-        context = trace.SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"), False, flags)
-        parent = (trace.SpanContext(context.trace_id, int.from_bytes(parent_id, "big"), True, flags)
-                  if parent_id is not None else None)
-        service, _, method = path[1:].partition("/")
-        attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
-                                      "rpc.grpc.status_code": code}
-        notes = self.notes.pop(span_id, None)
-        events: list[Event] = []
-        if notes is not None:
-            attributes.update(notes.attributes)
-            events = notes.events
-        status = Status(StatusCode.UNSET) if code == 0 else Status(StatusCode.ERROR, _NAMES[code]
-                                                                   if code < len(_NAMES) else str(code))
-        span = ReadableSpan(path[1:], context=context, parent=parent, resource=self.provider.resource,
-                            attributes=attributes, events=events, kind=SpanKind.SERVER, status=status,
-                            start_time=start, end_time=end, instrumentation_scope=self.scope)
-        self.processor.on_end(span)
-
-    def shutdown(self) -> None:
-        self.provider.shutdown()
 
 
 def observe_call(ctx: CallContext) -> None:
@@ -171,7 +81,9 @@ def tracing_from_env(env: Mapping[str, str], exporter: SpanExporter | None = Non
         name = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
         if name in ("", "none"):
             return None
-        exporter = _exporter(name)
+        from criproxy.observe.tracing_sdk import exporter_named
+
+        exporter = exporter_named(name)
     sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower() or "parentbased_always_on"
     if sampler == "always_off":
         # Nothing would ever be recorded: no per-call work at all. The caller's traceparent still
@@ -187,29 +99,6 @@ def tracing_from_env(env: Mapping[str, str], exporter: SpanExporter | None = Non
         raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={raw_ratio!r}: expected a ratio from 0 to 1") from None
     if not 0.0 <= ratio <= 1.0:
         raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG={raw_ratio!r}: expected a ratio from 0 to 1")
-    provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "criproxy"),
-                                                        "service.version": __version__}))
-    processor = BatchSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    return Tracing(provider, processor, sampler, ratio)
+    from criproxy.observe.tracing_sdk import build_tracing
 
-
-def _exporter(name: str) -> SpanExporter:
-    if name == "console":
-        return ConsoleSpanExporter()
-    if name == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
-                OTLPSpanExporter,
-            )
-        except ImportError:
-            raise ConfigError("OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter: "
-                              "pip install 'criproxy[otlp]'") from None
-        return OTLPSpanExporter()  # type: ignore[no-any-return]
-    raise ConfigError(f"OTEL_TRACES_EXPORTER={name!r}: criproxy supports otlp, console and none")
-
-
-_NAMES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
+    return build_tracing(env.get("OTEL_SERVICE_NAME", "criproxy"), exporter, sampler, ratio)

@@ -25,6 +25,7 @@ import logging
 import threading
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -35,8 +36,10 @@ from criproxy._native import DataPlane, InterceptedCall
 from criproxy.cri.methods import API_VERSIONS, METHODS
 from criproxy.errors import CriProxyError
 from criproxy.metrics import Metrics
-from criproxy.observe.tracing import Tracing
 from criproxy.seam import Call, Hooks
+
+if TYPE_CHECKING:
+    from criproxy.observe.tracing_sdk import Tracing
 
 log = logging.getLogger(__name__)
 
