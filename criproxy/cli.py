@@ -105,17 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from criproxy.server import serve
-    from criproxy.transport.tuning import tune_process
 
     flags = {s.key: getattr(args, s.attr) for s in SETTINGS}
     config = replace(build_config(flags, args.config), takeover=args.takeover)
-    main_log = configure_logging(config.log_level)
+    main_log = start_process(config.log_level)
     try:
-        tune_process()  # glibc malloc: large CRI messages without page faults (criproxy/transport/tuning.py)
         asyncio.run(serve(config))
     finally:
         main_log.stop()  # write out what was logged before the stop
     return 0
+
+
+def start_process(log_level: str) -> BackgroundLog:
+    """What `criproxy serve` sets up for the whole process, in the order it needs: glibc malloc tuning
+    (criproxy/transport/tuning.py) while this is the only thread, then the main log, whose writer is a
+    thread of its own."""
+    from criproxy.transport.tuning import tune_process
+
+    tuned = tune_process()
+    main_log = configure_logging(log_level)
+    logging.getLogger("criproxy.transport.tuning").debug("%s", tuned)
+    return main_log
 
 
 def configure_logging(level: str, *, stream: TextIO | None = None,

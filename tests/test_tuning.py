@@ -25,14 +25,35 @@ def test_the_operators_allocator_settings_win(environ: dict[str, str], reason: s
 
 
 def tuning_log(extra_env: dict[str, str]) -> str:
-    """What tune_process logs in a fresh interpreter (the effect on page faults is bench/forwarding.py's)."""
-    code = ("import logging, sys\n"
-            "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format='%(message)s')\n"
-            "from criproxy.transport.tuning import tune_process\n"
-            "tune_process()\n")
+    """What serve's start logs of the tuning, in a fresh interpreter (the effect on page faults is
+    bench/forwarding.py's)."""
+    code = ("from criproxy.cli import start_process\n"
+            "main_log = start_process('DEBUG')\n"
+            "main_log.stop()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin", **extra_env}, check=True)
     return done.stderr
+
+
+#: In a fresh interpreter: serve's process setup, then a thread that allocates while the main thread
+#: does too (so it cannot simply borrow the main arena), then glibc's own count of its arenas.
+ARENAS = """
+import ctypes, sys, threading
+from criproxy.cli import start_process
+main_log = start_process("INFO")
+stop = threading.Event()
+def churn():
+    while not stop.is_set():
+        [bytearray(4096) for _ in range(200)]
+worker = threading.Thread(target=churn)
+worker.start()
+for _ in range(2000):
+    [bytearray(4096) for _ in range(200)]
+stop.set(); worker.join()
+main_log.stop()
+sys.stderr.flush()
+ctypes.CDLL(None).malloc_stats()
+"""
 
 
 @pytest.mark.skipif(tuning.glibc_version() is None, reason="not glibc")
@@ -41,3 +62,13 @@ def test_glibc_is_tuned_unless_the_operator_chose() -> None:
             f"M_TOP_PAD={tuning.MALLOC_TOP_PAD}") in tuning_log({})
     assert tuning.MALLOC_TOP_PAD == 2 << 20  # the measured choice (see tuning.py)
     assert "malloc left as the operator set it: MALLOC_ARENA_MAX is set" in tuning_log({"MALLOC_ARENA_MAX": "8"})
+
+
+@pytest.mark.skipif(tuning.glibc_version() is None, reason="not glibc")
+def test_threads_started_after_serves_setup_share_the_one_arena() -> None:
+    # glibc fixes its arena limit when a second thread first allocates: tuning after the log writer's
+    # thread started left every later thread (the data plane's included) an arena of its own.
+    done = subprocess.run([sys.executable, "-c", ARENAS], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin"}, check=True)
+    arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
+    assert arenas == ["Arena 0:"], done.stderr

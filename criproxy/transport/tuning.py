@@ -61,6 +61,10 @@ MALLOC_MMAP_THRESHOLD = 4 << 20
 #: the event loop's thread and gRPC's poller thread; one arena cost no measurable CPU or latency
 #: (Version and ListContainers p50 and CPU per call, burst duration: within run-to-run noise).
 MALLOC_ARENA_MAX = 1
+#: It only holds if set while the process has one thread (see tune_process). Until it was (the main
+#: log's writer thread started first), the data plane's thread had an arena of its own. Measured
+#: (64 clients reading two ListContainers each, twice, one proxy after the other): peak RSS 65 -> 62
+#: MiB, RSS once they are done 58-59 -> 52 MiB (the RSS before them: 52 MiB).
 
 # mallopt(3) parameter numbers (malloc.h).
 _M_TOP_PAD = -2
@@ -96,32 +100,32 @@ def operator_tuned(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def tune_process() -> None:
-    """Set the malloc parameters above in this process (glibc only; never raises).
+def tune_process() -> str:
+    """Set the malloc parameters above in this process (glibc only; never raises); what was done, to log.
 
-    Call it once, early in `criproxy serve`, before gRPC starts its threads."""
+    Call it once, first thing in `criproxy serve`, before any other thread exists: glibc fixes its
+    arena limit when a second thread first allocates, so M_ARENA_MAX set after that (even after the
+    log writer's thread started) leaves every later thread free to get an arena of its own. Logging
+    may not be set up yet, hence the returned line."""
     try:
-        _tune()
+        return _tune()
     except Exception as err:  # tuning is an optimisation: never stop the proxy from starting
-        log.debug("malloc tuning skipped: %r", err)
+        return f"malloc tuning skipped: {err!r}"
 
 
-def _tune() -> None:
+def _tune() -> str:
     version = glibc_version()
     if version is None:
-        log.debug("not glibc: malloc left as is")
-        return
+        return "not glibc: malloc left as is"
     reason = operator_tuned()
     if reason is not None:
-        log.debug("malloc left as the operator set it: %s", reason)
-        return
+        return f"malloc left as the operator set it: {reason}"
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     settings = (("M_ARENA_MAX", _M_ARENA_MAX, MALLOC_ARENA_MAX),
                 ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD),
                 ("M_TOP_PAD", _M_TOP_PAD, MALLOC_TOP_PAD))
-    for name, param, value in settings:
-        if mallopt(param, value) != 1:
-            log.debug("mallopt(%s, %d) refused by glibc %s", name, value, version)
-    log.debug("glibc %s malloc tuned: %s", version, ", ".join(f"{name}={value}" for name, _, value in settings))
+    refused = [name for name, param, value in settings if mallopt(param, value) != 1]
+    done = f"glibc {version} malloc tuned: " + ", ".join(f"{name}={value}" for name, _, value in settings)
+    return done + (f" (refused by glibc: {', '.join(refused)})" if refused else "")
