@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -426,3 +427,30 @@ def test_in_dry_run_not_even_a_conflict_or_a_closed_failure_fails_the_call(mode:
     assert [(d.action, d.interceptor, d.reason) for d in outcome.decisions] == [
         ("dry-run", "broken", "enforce would fail the call (INTERNAL): criproxy: interceptor broken failed on pod "
          "demo/web: RuntimeError('boom'); the call was not forwarded")]
+
+
+class Carries:
+    """A test interceptor proposing one change with every field of Change set."""
+
+    def __init__(self) -> None:
+        self.name = "carrier"
+        self.events = frozenset({RUN_POD_SANDBOX})
+        self.change = Change(**{f.name: f"the {f.name}" for f in dataclasses.fields(Change)})
+
+    def adjust(self, ctx: CallContext) -> Adjustment:
+        return Adjustment(changes=(self.change,))
+
+
+def test_a_change_reaches_the_policy_whole_with_its_interceptors_name() -> None:
+    carrier = Carries()
+    seen: list[tuple[Change, ...]] = []
+
+    class Recording(AnnotationPolicy):
+        def review(self, ctx: CallContext, changes: Any) -> Any:
+            seen.append(tuple(changes))
+            return super().review(ctx, changes)
+
+    policy = Recording(parse_policy(KINDS_POLICY.format(mode="enforce", on_error="closed"), "p.yaml"), Lookup())
+    pipeline = Pipeline([carrier], lookup=Lookup(), policy=policy)
+    asyncio.run(pipeline.decide(kinds_ctx(RUN_POD_SANDBOX, SHARES)))
+    assert seen == [(dataclasses.replace(carrier.change, by="carrier"),)]

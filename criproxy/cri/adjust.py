@@ -12,6 +12,7 @@ Field paths are dotted field names of the request message, e.g.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,10 +75,16 @@ class _Target:
     key: str | None = field(default=None)
 
 
-def _resolve(message: Message, path: str) -> _Target:
+@functools.lru_cache(maxsize=256)
+def _parse_path(path: str) -> tuple[tuple[str, ...], str, str | None]:
+    """'a.b.c[k]' -> (('a', 'b'), 'c', 'k'); the paths are the interceptors' own few constants."""
     base, bracket, rest = path.partition("[")
-    key = rest[:-1] if bracket else None
     *parents, name = base.split(".")
+    return tuple(parents), name, rest[:-1] if bracket else None
+
+
+def _resolve(message: Message, path: str) -> _Target:
+    parents, name, key = _parse_path(path)
     node = message
     for part in parents:
         node = getattr(node, part)  # creating sub-messages on the way is what setting them needs

@@ -350,7 +350,9 @@ class Pipeline:
             for warning in adjustment.warnings:
                 log.warning("%s: %s", interceptor.name, warning)
             for change in adjustment.changes:
-                mine = replace(change, by=interceptor.name)
+                # What dataclasses.replace(change, by=...) makes, at a fraction of its cost.
+                mine = Change(path=change.path, value=change.value, setting=change.setting, key=change.key,
+                              raw=change.raw, by=interceptor.name, note=change.note)
                 other = owners.get(change.path)
                 if other is not None:
                     raise _Conflict(
