@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -118,14 +119,20 @@ fn refuse(mut tracker: Tracker, st: Status) -> Response<ProxyBody> {
     status::trailers_only(st.code, &st.message, Whole::empty(Some(tracker)).boxed())
 }
 
-fn upstream_uri(caller: &Uri, path: Option<&str>) -> Result<Uri, http::Error> {
-    let path = path.unwrap_or_else(|| caller.path_and_query().map_or("/", |p| p.as_str()));
-    let authority = caller.authority().map_or("localhost", |a| a.as_str());
-    Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
+/// The caller's URI as the runtime gets it: scheme http, the caller's authority and path (each
+/// reused as parsed, not parsed again), or `path` when the route rewrites it (v1alpha2 bridging).
+fn upstream_uri(caller: Uri, path: Option<&str>) -> Result<Uri, http::Error> {
+    let mut parts = caller.into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.authority.is_none() {
+        parts.authority = Some(Authority::from_static("localhost"));
+    }
+    if let Some(path) = path {
+        parts.path_and_query = Some(PathAndQuery::try_from(path)?);
+    } else if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Ok(Uri::from_parts(parts)?)
 }
 
 pub async fn handle(
@@ -173,7 +180,7 @@ async fn send_upstream(
     let sender = upstream
         .sender()
         .map_err(|why| Status::new(status::UNAVAILABLE, upstream.unreachable(&why)))?;
-    let uri = upstream_uri(&parts.uri, route.path.as_deref()).map_err(|e| {
+    let uri = upstream_uri(parts.uri, route.path.as_deref()).map_err(|e| {
         Status::new(
             status::INTERNAL,
             format!("criproxy: cannot address the runtime: {e}"),
@@ -491,4 +498,31 @@ pub fn new_shared(
         tracer: RwLock::new(None),
         stopped: std::sync::atomic::AtomicBool::new(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_gets_the_callers_authority_and_path_or_the_routes() {
+        let caller: Uri = "http://localhost/runtime.v1.RuntimeService/Version"
+            .parse()
+            .expect("uri");
+        let same = upstream_uri(caller.clone(), None).expect("uri");
+        assert_eq!(same, caller);
+        let bridged =
+            upstream_uri(caller, Some("/runtime.v1alpha2.RuntimeService/Version")).expect("uri");
+        assert_eq!(
+            bridged.to_string(),
+            "http://localhost/runtime.v1alpha2.RuntimeService/Version"
+        );
+        // h2 hands over a request without an authority when the caller sent none.
+        let bare = Uri::from_static("/runtime.v1.RuntimeService/Status");
+        assert_eq!(
+            upstream_uri(bare, None).expect("uri").to_string(),
+            "http://localhost/runtime.v1.RuntimeService/Status"
+        );
+        assert!(upstream_uri(Uri::from_static("/x"), Some("not a path")).is_err());
+    }
 }
