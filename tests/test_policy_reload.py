@@ -223,6 +223,36 @@ def test_a_configmap_update_reloads_through_its_symlinks(loop: LoopThread, polic
         loop.run(store.stop())
 
 
+def test_a_policy_linked_from_another_directory_reloads_when_its_target_changes(
+        loop: LoopThread, policy_dir: Path, tmp_path: Path) -> None:
+    # /etc/criproxy/policies.yaml -> /srv/policies/prod.yaml: the target is edited where it lives.
+    elsewhere = tmp_path / "srv" / "policies"
+    elsewhere.mkdir(parents=True)
+    target = elsewhere / "prod.yaml"
+    target.write_text(version("256Mi"))
+    os.symlink(target, policy_dir / "policies.yaml")
+    recorder = Recorder()
+    store = make_store(loop, policy_dir / "policies.yaml", recorder, watch=True)
+    try:
+        (elsewhere / "notes.txt").write_text("noise beside the target")
+        time.sleep(0.5)
+        assert store.generation == 1
+        target.write_text(version("1Gi"))
+        wait_until(lambda: store.generation == 2, "an edit of the symlink's target was not reloaded")
+        assert store.current.policies.digest == hashlib.sha256(version("1Gi").encode()).hexdigest()[:16]
+        # Relinked to a third directory: that one is watched from then on.
+        third = tmp_path / "opt"
+        third.mkdir()
+        (third / "next.yaml").write_text(version("2Gi"))
+        os.symlink(third / "next.yaml", policy_dir / "policies.yaml.new")
+        os.replace(policy_dir / "policies.yaml.new", policy_dir / "policies.yaml")
+        wait_until(lambda: store.generation == 3, "the relinked policy was not reloaded")
+        (third / "next.yaml").write_text(version("4Gi"))
+        wait_until(lambda: store.generation == 4, "an edit in the newly linked directory was not reloaded")
+    finally:
+        loop.run(store.stop())
+
+
 # ------------------------------------------------------------------ 8. the policy store's tasks are supervised
 
 def test_a_bug_in_a_reload_is_logged_counted_reported_and_survived(

@@ -121,6 +121,14 @@ def resolution_chain(path: Path) -> frozenset[str]:
     return frozenset(names)
 
 
+def watched_directories(path: Path, chain: Iterable[str]) -> tuple[str, ...]:
+    """The policy file's directory, then (sorted) each existing directory outside it that holds a
+    name on its resolution chain: a symlink to /srv/policies/prod.yaml makes /srv/policies watched."""
+    own = os.path.dirname(os.path.abspath(path))
+    outside = {os.path.dirname(name) for name in chain if not name.startswith(own + "/")}
+    return (own, *sorted(d for d in outside if d != own and os.path.isdir(d)))
+
+
 def touches(event_path: str, chain: Iterable[str]) -> bool:
     """Whether a change to `event_path` can change what the chain resolves to (it is on it, or holds it)."""
     return any(name == event_path or name.startswith(event_path + "/") for name in chain)
@@ -212,20 +220,27 @@ class PolicyStore:
     async def _watch(self) -> None:
         from watchfiles import awatch
 
-        # The directory, not the file: editors and ConfigMap updates replace the file (rename or
-        # a symlink swap), which a watch on the old file would miss.
-        directory = self.path.parent
-        async for changes in awatch(directory, debounce=200, step=50, recursive=False):
-            if not any(touches(changed, self._chain) for _, changed in changes):
-                self.watch_events["ignored"] += 1
-                continue
-            self._chain, key = await asyncio.to_thread(lambda: (resolution_chain(self.path), content_key(self.path)))
-            if key == self._seen:
-                self.watch_events["unchanged"] += 1
-                log.debug("policy file %s: changed on disk, same content; not reloaded", self.path)
-                continue
-            self.watch_events["reloaded"] += 1
-            self.reload_soon("the file changed")
+        # Directories, not the file: editors and ConfigMap updates replace the file (rename or a
+        # symlink swap), which a watch on the old file would miss. The file's own directory, and
+        # each directory outside it that its symlinks lead to, watched again whenever that changes.
+        while True:
+            directories = watched_directories(self.path, self._chain)
+            async for changes in awatch(*directories, debounce=200, step=50, recursive=False):
+                if not any(touches(changed, self._chain) for _, changed in changes):
+                    self.watch_events["ignored"] += 1
+                    continue
+                self._chain, key = await asyncio.to_thread(
+                    lambda: (resolution_chain(self.path), content_key(self.path)))
+                if key == self._seen:
+                    self.watch_events["unchanged"] += 1
+                    log.debug("policy file %s: changed on disk, same content; not reloaded", self.path)
+                else:
+                    self.watch_events["reloaded"] += 1
+                    self.reload_soon("the file changed")
+                if watched_directories(self.path, self._chain) != directories:
+                    log.info("policy file %s now resolves through %s; watching there", self.path,
+                             ", ".join(watched_directories(self.path, self._chain)))
+                    break
 
     async def stop(self) -> None:
         tasks = [t for t in (self._watcher, self._reloader) if t is not None]
