@@ -51,25 +51,37 @@ impl Sock {
         })
     }
 
-    fn write_with<F>(&mut self, cx: &mut Context<'_>, mut write: F) -> Poll<io::Result<usize>>
+    /// Write `len` bytes with `write`; once a write is taken whole, the congestion is over.
+    fn write_with<F>(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        mut write: F,
+    ) -> Poll<io::Result<usize>>
     where
         F: FnMut(&mut StdUnixStream) -> io::Result<usize>,
     {
         loop {
-            if let Some(waiter) = self.congested.as_ref() {
+            let result = if let Some(waiter) = self.congested.as_ref() {
                 ready!(waiter.poll_write_ready(cx))?;
                 match waiter.try_io(|| write(&mut self.tx)) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    result => return Poll::Ready(result),
+                    result => result,
                 }
-            }
-            match write(&mut self.tx) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let fd = OwnedFd::from(self.tx.try_clone()?);
-                    self.congested = Some(pipe::Sender::from_owned_fd_unchecked(fd)?);
+            } else {
+                match write(&mut self.tx) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let fd = OwnedFd::from(self.tx.try_clone()?);
+                        self.congested = Some(pipe::Sender::from_owned_fd_unchecked(fd)?);
+                        continue;
+                    }
+                    result => result,
                 }
-                result => return Poll::Ready(result),
+            };
+            if matches!(result, Ok(n) if n == len) {
+                self.congested = None;
             }
+            return Poll::Ready(result);
         }
     }
 }
@@ -90,13 +102,7 @@ impl AsyncWrite for Sock {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let len = buf.len();
-        let this = &mut *self;
-        let n = ready!(this.write_with(cx, |tx| tx.write(buf)))?;
-        if n == len {
-            this.congested = None;
-        }
-        Poll::Ready(Ok(n))
+        self.write_with(cx, buf.len(), |tx| tx.write(buf))
     }
 
     fn poll_write_vectored(
@@ -104,13 +110,8 @@ impl AsyncWrite for Sock {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        let this = &mut *self;
-        let n = ready!(this.write_with(cx, |tx| tx.write_vectored(bufs)))?;
-        if n == len {
-            this.congested = None;
-        }
-        Poll::Ready(Ok(n))
+        let len = bufs.iter().map(|b| b.len()).sum();
+        self.write_with(cx, len, |tx| tx.write_vectored(bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
