@@ -237,9 +237,9 @@ class PolicyStore:
                 else:
                     self.watch_events["reloaded"] += 1
                     self.reload_soon("the file changed")
-                if watched_directories(self.path, self._chain) != directories:
-                    log.info("policy file %s now resolves through %s; watching there", self.path,
-                             ", ".join(watched_directories(self.path, self._chain)))
+                now = watched_directories(self.path, self._chain)
+                if now != directories:
+                    log.info("policy file %s now resolves through %s; watching there", self.path, ", ".join(now))
                     break
 
     async def stop(self) -> None:
