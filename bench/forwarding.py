@@ -320,24 +320,15 @@ ALL_INTERCEPTORS_YAML = "interceptors: [runtime-handler, seccomp, resources]\n"
 
 
 def create_container_request() -> bytes:
-    """An annotated CreateContainer, as bench/overhead.py builds it, plus a seccomp profile: the resources
-    interceptor tightens the CPU quota and the memory and swap limits, seccomp sets the profile
-    (runtime-handler runs on RunPodSandbox only, so it passes this call on untouched)."""
-    sandbox = api_pb2.PodSandboxConfig(
-        metadata=api_pb2.PodSandboxMetadata(name="web-7d9f", namespace="shop", uid="0f6b"),
-        labels={"app": "web"}, annotations={"memory-limit.criproxy.io/container.app": "512Mi",
-                                            "cpu-quota.criproxy.io/pod": "500m",
-                                            "seccomp-profile.criproxy.io/pod": "runtime/default",
-                                            "runtime-handler.criproxy.io/pod": "runc",
-                                            "app.kubernetes.io/name": "web"})
-    return api_pb2.CreateContainerRequest(
-        pod_sandbox_id="a" * 64, sandbox_config=sandbox,
-        config=api_pb2.ContainerConfig(
-            metadata=api_pb2.ContainerMetadata(name="app"), image=api_pb2.ImageSpec(image="registry/web:1"),
-            command=["/app"], envs=[api_pb2.KeyValue(key=f"K{i}", value=b"v") for i in range(10)],
-            linux=api_pb2.LinuxContainerConfig(resources=api_pb2.LinuxContainerResources(
-                cpu_period=100_000, cpu_quota=200_000, cpu_shares=1024, memory_limit_in_bytes=1 << 30,
-                memory_swap_limit_in_bytes=1 << 30)))).SerializeToString()
+    """An annotated CreateContainer: bench/overhead.py's request plus a seccomp profile and a runtime
+    handler. The resources interceptor tightens the CPU quota and the memory and swap limits, seccomp
+    sets the profile (runtime-handler runs on RunPodSandbox only, so it passes this call on untouched)."""
+    from bench.overhead import create_request
+
+    request = api_pb2.CreateContainerRequest.FromString(create_request())
+    request.sandbox_config.annotations.update({"seccomp-profile.criproxy.io/pod": "runtime/default",
+                                               "runtime-handler.criproxy.io/pod": "runc"})
+    return request.SerializeToString()
 
 
 #: The reference relays, measured in the same run as the proxy: name -> what it stands for.
