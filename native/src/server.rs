@@ -407,7 +407,9 @@ async fn intercept(
         frame::split_messages(data.clone(), limit)
             .ok()
             .and_then(|m| m.into_iter().next())
-            .map(|m| m.payload)
+            // A copy: the runtime's chunk gives its window back only when dropped (RecvBody), and
+            // the pipeline may take its time over `after`. Intercepted answers are small.
+            .map(|m| Bytes::copy_from_slice(&m.payload))
     } else {
         None
     };
