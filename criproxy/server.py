@@ -38,6 +38,7 @@ from criproxy.transport.endpoints import WELL_KNOWN_RUNTIME_ENDPOINTS, Endpoint,
 from criproxy.transport.plane import NativePlane, PlaneSettings
 from criproxy.transport.sdnotify import notify
 from criproxy.transport.sockets import prepare_listen_path, probe_socket, publish, remove_if_ours, temporary_path
+from criproxy.transport.tuning import release_start_up_memory
 from criproxy.transport.upstream import Upstream, call_typed
 
 if TYPE_CHECKING:
@@ -354,6 +355,7 @@ async def serve(config: ServeConfig, hooks: Hooks | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         raise
+    log.debug("%s", release_start_up_memory())
     if proxy.policies is not None:
         loop.add_signal_handler(signal.SIGHUP, proxy.policies.reload_soon, "SIGHUP")
     watcher = loop.create_task(watch_for_successor(config.listen.path, proxy.socket_inode, stop))

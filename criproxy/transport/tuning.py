@@ -28,6 +28,12 @@ change (its messages are small). Also measured (RSS after 3 bursts, 4 runs each 
 burst script): the pad without an arena limit 91 MiB on average, 10 arenas after the bursts;
 arena limit 2: 72 MiB; limit 1: 68 MiB, the same as untuned glibc (68 MiB, 9 runs).
 
+Once serving, `release_start_up_memory` hands back to the kernel the heap pages that start-up
+(imports, protobuf descriptors, the config and policy parsing, the first calls to the runtime) used
+and freed, which glibc keeps because they are not at the top of the heap: malloc_trim(3), once.
+Measured (`criproxy serve` in front of bench/fake_runtime.py, three starts): RSS 53.3-53.5 ->
+50.4-50.5 MiB, in 0.4-0.5 ms.
+
 An operator's own allocator settings win: with a `glibc.malloc.*` GLIBC_TUNABLES entry, any
 MALLOC_* environment variable glibc reads, or another allocator preloaded (jemalloc, tcmalloc,
 mimalloc), nothing is changed. Elsewhere than glibc (musl, macOS) this is a no-op. It never raises.
@@ -111,6 +117,38 @@ def tune_process() -> str:
         return _tune()
     except Exception as err:  # tuning is an optimisation: never stop the proxy from starting
         return f"malloc tuning skipped: {err!r}"
+
+
+def release_start_up_memory() -> str:
+    """Hand free heap pages back to the kernel (glibc's malloc_trim(3)), once start-up is over; what
+    was done, to log. Never raises. Elsewhere than glibc, or with another allocator preloaded, a no-op."""
+    try:
+        if glibc_version() is None:
+            return "not glibc: start-up memory left as is"
+        preload = os.environ.get("LD_PRELOAD", "")
+        if any(allocator in preload for allocator in _OTHER_ALLOCATORS):
+            return f"start-up memory left to the allocator of LD_PRELOAD={preload}"
+        trim = ctypes.CDLL(None).malloc_trim
+        trim.argtypes = (ctypes.c_size_t,)
+        trim.restype = ctypes.c_int
+        before = resident_bytes()
+        trim(0)
+        after = resident_bytes()
+        return f"start-up memory handed back: resident {before / MIB:.1f} -> {after / MIB:.1f} MiB"
+    except Exception as err:  # an optimisation: never stop the proxy
+        return f"start-up memory left as is: {err!r}"
+
+
+MIB = 1 << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (/proc/self/statm); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _tune() -> str:
