@@ -249,6 +249,27 @@ def test_http_endpoint_stops_at_once_and_lets_a_request_in_flight_finish() -> No
         client.close()
 
 
+def test_an_idle_http_endpoint_does_not_wake_up() -> None:
+    from criproxy.metrics.prometheus import HttpEndpoint, health_app
+
+    http = HttpEndpoint("127.0.0.1", 0, health_app(CollectorRegistry(), lambda: (True, "ready")))
+    http.start()
+    try:
+        assert http.thread.native_id is not None
+
+        def wakes() -> int:
+            with open(f"/proc/self/task/{http.thread.native_id}/status", encoding="ascii") as status:
+                return int(next(line for line in status if line.startswith("voluntary_ctxt_switches")).split()[1])
+
+        time.sleep(0.2)
+        before = wakes()
+        time.sleep(1.0)
+        # Waking to poll takes the GIL from the event loop each time (it was 20 times a second).
+        assert wakes() - before <= 2
+    finally:
+        http.stop()
+
+
 # ------------------------------------------------------------------ 4. the metrics port is shared only on a takeover
 
 def test_a_second_proxy_on_the_same_metrics_address_is_refused(loop: LoopThread, fake: FakeRuntime,
