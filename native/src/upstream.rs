@@ -304,7 +304,8 @@ impl AsRef<[u8]> for Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        // Err only once the connection is gone: its window went with it.
+        // The chunk holds a reference to its stream, so this counts until the connection is gone
+        // (Err then: the window went with it).
         let _ = self.window.release_capacity(self.data.len());
     }
 }
