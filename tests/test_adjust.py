@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from google.protobuf.json_format import ParseError
 from google.protobuf.message import Message
 
 from criproxy.api.runtime.v1 import api_pb2
@@ -101,6 +102,16 @@ def test_apply_message_field_from_dict(value: dict[str, str], expected: dict[str
     assert read_field(request, SECCOMP) == expected
     assert api_pb2.SecurityProfile.ProfileType.Name(seccomp.profile_type) == expected["profile_type"]
     assert seccomp.localhost_ref == expected["localhost_ref"]
+
+
+def test_apply_message_field_from_what_only_parsedict_reads() -> None:
+    # protobuf's constructor is the fast path; JSON field names still work, through ParseDict.
+    request = api_pb2.CreateContainerRequest()
+    apply_change(request, Change(SECCOMP, {"profileType": "Localhost", "localhostRef": "/a.json"}, "seccomp-profile"))
+    seccomp = request.config.linux.security_context.seccomp
+    assert (seccomp.profile_type, seccomp.localhost_ref) == (api_pb2.SecurityProfile.Localhost, "/a.json")
+    with pytest.raises(ParseError, match="Nonexistent"):
+        apply_change(request, Change(SECCOMP, {"profile_type": "Nonexistent"}, "seccomp-profile"))
 
 
 def test_apply_message_field_replaces_the_whole_message() -> None:
