@@ -119,6 +119,18 @@ def tune_process() -> str:
         return f"malloc tuning skipped: {err!r}"
 
 
+MIB = 1 << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (/proc/self/statm); 0 where there is no /proc."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def release_start_up_memory() -> str:
     """Hand free heap pages back to the kernel (glibc's malloc_trim(3)), once start-up is over; what
     was done, to log. Never raises. Elsewhere than glibc, or with another allocator preloaded, a no-op."""
@@ -137,18 +149,6 @@ def release_start_up_memory() -> str:
         return f"start-up memory handed back: resident {before / MIB:.1f} -> {after / MIB:.1f} MiB"
     except Exception as err:  # an optimisation: never stop the proxy
         return f"start-up memory left as is: {err!r}"
-
-
-MIB = 1 << 20
-
-
-def resident_bytes() -> int:
-    """This process's resident set now (/proc/self/statm); 0 where there is no /proc."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _tune() -> str:

@@ -445,10 +445,10 @@ async fn connection(
 ) {
     let live = &shared.live;
     let _entered = live.enter();
-    // grpcio clients send a percent-encoded socket path as :authority, which h2 refuses; the
-    // adapter rewrites it for those connections only (see authority.rs).
     // Best effort: setsockopt(SO_SNDBUF) on a connected socket fails only for a bad descriptor.
     let _ = crate::sock::widen_send_buffer(&stream, crate::sock::CALLER_SEND_BUFFER);
+    // grpcio clients send a percent-encoded socket path as :authority, which h2 refuses; the
+    // adapter rewrites it for those connections only (see authority.rs).
     let Ok(sock) = crate::sock::Sock::new(stream) else {
         return;
     };
