@@ -192,6 +192,8 @@ class CpuSample:
     ticks_s: float
     faults: int
     threads_ns: dict[str, int]
+    #: Every live thread's time spent runnable but waiting for a CPU, in ns (schedstat's second field).
+    threads_wait_ns: dict[str, int] = field(default_factory=dict)
 
     def seconds_until(self, later: CpuSample) -> float:
         """CPU seconds spent between this sample and a later one: ns-exact from schedstat when every thread
@@ -201,10 +203,19 @@ class CpuSample:
             return (sum(later.threads_ns.values()) - sum(self.threads_ns.values())) / 1e9
         return later.ticks_s - self.ticks_s
 
+    def wait_seconds_until(self, later: CpuSample) -> float | None:
+        """Seconds the threads spent waiting for a CPU between this sample and a later one; None when a
+        thread exited meanwhile (its wait would be lost) or there is no schedstat."""
+        before, after = self.threads_wait_ns, later.threads_wait_ns
+        if before and after and before.keys() <= after.keys():
+            return (sum(after.values()) - sum(before.values())) / 1e9
+        return None
+
 
 def cpu_sample(pid: int | str) -> CpuSample:
     ticks, faults = proc_stat(pid)
     threads: dict[str, int] = {}
+    waits: dict[str, int] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -212,10 +223,11 @@ def cpu_sample(pid: int | str) -> CpuSample:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                threads[tid] = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):  # the thread just exited, or no schedstat: ticks only
+                run, wait = f.read().split()[:2]
+            threads[tid], waits[tid] = int(run), int(wait)
+        except (OSError, ValueError):  # the thread just exited, or no schedstat: ticks only
             return CpuSample(ticks, faults, {})
-    return CpuSample(ticks, faults, threads)
+    return CpuSample(ticks, faults, threads, waits)
 
 
 def proc_status_kib(pid: int | str, key: str) -> int:
@@ -838,7 +850,8 @@ class UnaryScenario(Scenario):
         chunks = 4
         per_chunk = max(1, total // chunks)
         spent: dict[str, dict[str, float]] = {
-            j.label: {"proxy": 0.0, "proxy_faults": 0.0, "runtime": 0.0, "client": 0.0, "calls": 0} for j in jobs}
+            j.label: {"proxy": 0.0, "proxy_faults": 0.0, "proxy_wait": 0.0, "wait_calls": 0, "runtime": 0.0,
+                      "client": 0.0, "calls": 0} for j in jobs}
         assert bench.runtime is not None
         deadline = time.monotonic() + bench.budget(self.budget_s) * 0.4
         for r, order in rotations(jobs, chunks):
@@ -852,15 +865,22 @@ class UnaryScenario(Scenario):
                     p1 = relay.sample()
                     acc["proxy"] += p0.seconds_until(p1)
                     acc["proxy_faults"] += p1.faults - p0.faults
+                    if (wait := p0.wait_seconds_until(p1)) is not None:
+                        acc["proxy_wait"] += wait
+                        acc["wait_calls"] += per_chunk
                 acc["runtime"] += f0.seconds_until(bench.runtime.sample())
                 acc["client"] += c0.seconds_until(cpu_sample("self"))
                 acc["calls"] += per_chunk
             if time.monotonic() > deadline and r >= 1:
                 break
-        return {label: {"proxy": acc["proxy"] / acc["calls"] * 1e6, "runtime": acc["runtime"] / acc["calls"] * 1e6,
-                        "client": acc["client"] / acc["calls"] * 1e6,
-                        "proxy_faults": acc["proxy_faults"] / acc["calls"], "calls": acc["calls"]}
-                for label, acc in spent.items()}
+        out = {label: {"proxy": acc["proxy"] / acc["calls"] * 1e6, "runtime": acc["runtime"] / acc["calls"] * 1e6,
+                       "client": acc["client"] / acc["calls"] * 1e6,
+                       "proxy_faults": acc["proxy_faults"] / acc["calls"], "calls": acc["calls"]}
+               for label, acc in spent.items()}
+        for label, acc in spent.items():
+            if acc["wait_calls"]:  # over the chunks whose threads could all be followed
+                out[label]["proxy_wait"] = acc["proxy_wait"] / acc["wait_calls"] * 1e6
+        return out
 
     def report(self, bench: Bench, targets: list[Target], latencies: dict[str, list[float]],
                cpu: dict[str, dict[str, float]], size: int) -> dict[str, VariantResult]:
@@ -886,6 +906,10 @@ class UnaryScenario(Scenario):
             if checked:
                 comparisons = self.cpu_comparisons(bench, res, c["proxy"], cpu)
             res.add(Row(f"{self.name} proxy page faults/call", "", f"{c['proxy_faults']:.0f}"))
+            if "proxy_wait" in c:
+                # Runnable, waiting for a CPU: on a machine whose cores the client and the runtime share,
+                # part of what a relay adds to latency beyond its own CPU.
+                res.add(Row(f"{self.name} proxy run-queue wait/call", "", fmt_value(c["proxy_wait"], "us")))
             res.add(Row(f"{self.name} runtime CPU/call", fmt_value(d_cpu["runtime"], "us"),
                         fmt_value(c["runtime"], "us")))
             res.add(Row(f"{self.name} client CPU/call", fmt_value(d_cpu["client"], "us"),
