@@ -14,6 +14,17 @@ from tests.support.proxyproc import ProxyProcess
 REQUIRE_ENV = "CRIPROXY_REQUIRE_CONTAINERD"
 
 
+def require_containerd(what: str) -> None:
+    """Skip the test when containerd cannot run here, or fail it under CRIPROXY_REQUIRE_CONTAINERD=1
+    (as in CI), naming `what` could not run and why."""
+    reason = containerd_available()
+    if reason is not None:
+        message = f"cannot run {what}: {reason}"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{message} ({REQUIRE_ENV}=1)", pytrace=False)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     """A started containerd with the pause and busybox test images imported.
@@ -21,12 +32,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
     Skipped when something it needs is missing, unless CRIPROXY_REQUIRE_CONTAINERD=1
     (as in CI), where a missing dependency is a failure.
     """
-    reason = containerd_available()
-    if reason is not None:
-        message = f"cannot run a real containerd: {reason}"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{message} ({REQUIRE_ENV}=1)", pytrace=False)
-        pytest.skip(message)
+    require_containerd("a real containerd")
     # A short base name keeps the socket paths well inside the unix socket limit.
     with Containerd(tmp_path_factory.mktemp("ctrd")) as daemon:
         yield daemon

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from criproxy.api.runtime.v1 import api_pb2
-from criproxy.demo.containerd import Containerd, containerd_available
+from criproxy.demo.containerd import Containerd
 from criproxy.demo.cri import CriClient
 from criproxy.demo.host import cgroup_mounts, mount_points_under, processes
-from tests.e2e.conftest import REQUIRE_ENV
+from tests.e2e.conftest import require_containerd
 from tests.support.proxyproc import ROOT
 from tests.test_docs import README, is_shown_in_order, shown_blocks
 
@@ -41,12 +41,7 @@ MEMORY_FROM_CGROUP = re.compile(r"container app: cgroup /sys/fs/cgroup/\S+/memor
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """Where the demo may make its directory (it must make and remove `demo` itself); short for socket paths."""
-    reason = containerd_available()
-    if reason is not None:
-        message = f"cannot run criproxy demo: {reason}"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{message} ({REQUIRE_ENV}=1)", pytrace=False)
-        pytest.skip(message)
+    require_containerd("criproxy demo")
     base = Path(tempfile.mkdtemp(prefix="cpd-", dir="/tmp"))
     yield base / "demo"
     shutil.rmtree(base, ignore_errors=True)
