@@ -200,6 +200,20 @@ impl Drop for Handed<'_> {
 mod tests {
     use super::*;
 
+    /// An empty call to method "M", with this deadline.
+    async fn ask_empty(control: &Control, deadline: Option<Duration>) -> (Verdict, Handed<'_>) {
+        control
+            .ask(
+                "M".into(),
+                "/p".into(),
+                vec![],
+                Bytes::new(),
+                deadline,
+                None,
+            )
+            .await
+    }
+
     #[tokio::test]
     async fn an_answer_comes_back_and_the_call_is_closed_once() {
         let (tx, rx) = mpsc::channel();
@@ -244,16 +258,7 @@ mod tests {
     async fn no_answer_within_the_deadline_is_deadline_exceeded_and_forgotten() {
         let (tx, rx) = mpsc::channel();
         let control = Control::new(tx, None);
-        let (verdict, handed) = control
-            .ask(
-                "M".into(),
-                "/p".into(),
-                vec![],
-                Bytes::new(),
-                Some(Duration::from_millis(20)),
-                None,
-            )
-            .await;
+        let (verdict, handed) = ask_empty(&control, Some(Duration::from_millis(20))).await;
         let Verdict::Fail(st) = verdict else {
             panic!("expected a failure")
         };
@@ -278,9 +283,7 @@ mod tests {
             };
             drop(ask.reply);
         });
-        let (verdict, _handed) = control
-            .ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None)
-            .await;
+        let (verdict, _handed) = ask_empty(&control, None).await;
         python.join().unwrap();
         assert!(matches!(
             verdict,
@@ -296,9 +299,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         drop(rx);
         let control = Control::new(tx, None);
-        let (verdict, _) = control
-            .ask("M".into(), "/p".into(), vec![], Bytes::new(), None, None)
-            .await;
+        let (verdict, _) = ask_empty(&control, None).await;
         assert!(matches!(
             verdict,
             Verdict::Fail(Status {
@@ -317,16 +318,7 @@ mod tests {
         let armed = Arc::new(AtomicBool::new(false));
         let control = Control::new(tx, Some(Doorbell::new(bell, armed.clone())));
         for _ in 0..3 {
-            let (_, handed) = control
-                .ask(
-                    "M".into(),
-                    "/p".into(),
-                    vec![],
-                    Bytes::new(),
-                    Some(Duration::from_millis(1)),
-                    None,
-                )
-                .await;
+            let (_, handed) = ask_empty(&control, Some(Duration::from_millis(1))).await;
             drop(handed);
         }
         let mut rung = [0u8; 16];
@@ -334,16 +326,7 @@ mod tests {
         assert_eq!(watched.read(&mut rung).unwrap(), 1, "one ring for six jobs");
         assert_eq!(rx.try_iter().count(), 6, "three asks, three forgets");
         armed.store(false, Ordering::Release); // the loop looked
-        let (_, handed) = control
-            .ask(
-                "M".into(),
-                "/p".into(),
-                vec![],
-                Bytes::new(),
-                Some(Duration::from_millis(1)),
-                None,
-            )
-            .await;
+        let (_, handed) = ask_empty(&control, Some(Duration::from_millis(1))).await;
         drop(handed);
         assert_eq!(
             watched.read(&mut rung).unwrap(),
