@@ -10,6 +10,7 @@
 //! bytes in flight), `frame` (gRPC message boundaries), `routes`, `seam`, `metrics`, `track`,
 //! `status`, `authority` (clients whose :authority h2 would refuse). This file is the PyO3 glue.
 
+pub mod acks;
 pub mod authority;
 pub mod body;
 pub mod frame;

@@ -158,6 +158,8 @@ impl Upstream {
             .map_err(|e| format!("connect {}: {e}", self.path.display()))?;
         let stream = crate::sock::Sock::new(stream)
             .map_err(|e| format!("connect {}: {e}", self.path.display()))?;
+        // PING acknowledgements go out after the answers read with them (acks.rs).
+        let stream = crate::acks::AcksLast::new(stream);
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
