@@ -90,7 +90,7 @@ impl<T> AcksLast<T> {
     fn poll_turn(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<()> {
         loop {
             match self.waiting.as_mut() {
-                None if self.holds == 0 && only_ping_acks(bufs) => self.hold(),
+                None if only_ping_acks(bufs) => self.hold(),
                 None => break,
                 Some(waiting) => {
                     std::task::ready!(waiting.as_mut().poll(cx));
