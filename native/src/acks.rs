@@ -339,4 +339,34 @@ mod tests {
             assert_eq!(log.lock().unwrap().as_slice(), ["ack", "ack"]);
         });
     }
+
+    /// End to end through h2 on both sides, on a current-thread runtime as in the data plane: the
+    /// runtime's PINGs are acknowledged.
+    #[tokio::test]
+    async fn the_runtime_s_pings_are_acknowledged_through_h2() {
+        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        let runtime = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(theirs).await.unwrap();
+            let mut ping_pong = conn.ping_pong().expect("taken once");
+            let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            for _ in 0..5 {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    ping_pong.ping(h2::Ping::opaque()),
+                )
+                .await
+                .expect("the proxy did not acknowledge the runtime's PING")
+                .unwrap();
+            }
+            driver.abort();
+        });
+        let (client, conn) = h2::client::Builder::new()
+            .handshake::<_, bytes::Bytes>(AcksLast::new(ours))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        runtime.await.unwrap();
+        drop(client);
+        conn.abort();
+    }
 }
