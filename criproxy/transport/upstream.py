@@ -176,9 +176,11 @@ class Upstream:
                     self.say_not_answering()
                 said = self._not_answering_said or time.monotonic()
                 try:
-                    # Bounded: the reminder is due even when the state does not change.
-                    await asyncio.wait_for(self.channel.wait_for_state_change(state),
-                                           max(0.01, said + NOT_ANSWERING_REPEAT_S - time.monotonic()))
+                    # Bounded: the reminder is due even when the state does not change. asyncio.timeout,
+                    # not wait_for: Python 3.11's wait_for drops a cancellation that comes as the state
+                    # changes, and close() then waited for this loop until the next reminder (30 s).
+                    async with asyncio.timeout(max(0.01, said + NOT_ANSWERING_REPEAT_S - time.monotonic())):
+                        await self.channel.wait_for_state_change(state)
                 except TimeoutError:
                     continue
             else:
