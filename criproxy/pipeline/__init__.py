@@ -315,7 +315,10 @@ class Pipeline:
         try:
             result: Any = interceptor.adjust(ctx)
             if inspect.isawaitable(result):
-                result = await asyncio.wait_for(result, failure.timeout_seconds)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that comes
+                # as the awaitable finishes.
+                async with asyncio.timeout(failure.timeout_seconds):
+                    result = await result
             elif time.monotonic() - started > failure.timeout_seconds:
                 raise TimeoutError
             assert isinstance(result, Adjustment), f"{interceptor.name} returned {result!r}, not an Adjustment"
