@@ -6,9 +6,10 @@
 //! which methods its pipeline intercepts; it reads the counters at scrape time. Calls no
 //! interceptor claims never take the GIL (see seam.rs for the ones that do).
 //!
-//! Layout: `server` (accept, route, serve), `upstream` (the runtime connection), `body` (the
-//! bytes in flight), `frame` (gRPC message boundaries), `routes`, `seam`, `metrics`, `track`,
-//! `status`, `authority` (clients whose :authority h2 would refuse). This file is the PyO3 glue.
+//! Layout: `server` (accept, route, serve), `upstream` (the runtime connection), `sock` and
+//! `acks` (its socket, and the order of PING acknowledgements on it), `body` (the bytes in
+//! flight), `frame` (gRPC message boundaries), `routes`, `seam`, `metrics`, `track`, `status`,
+//! `authority` (clients whose :authority h2 would refuse). This file is the PyO3 glue.
 
 pub mod acks;
 pub mod authority;
