@@ -6,6 +6,7 @@ such a task without a word, and the proxy goes on serving with part of its contr
 A Supervisor runs each under a name: it logs a failure with its traceback, counts it
 (`on_failure`, e.g. a metric), starts the coroutine again after a short backoff, and says which
 tasks are failing (for /readyz) until a restarted task has run for HEALTHY_AFTER_S.
+`stop_tasks` ends such tasks when the proxy stops, without ever waiting on one for ever.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 #: A restarted task that ran this long without failing is healthy again (and its backoff starts over).
 HEALTHY_AFTER_S = 10.0
+#: How long stopping waits for a cancelled background task to end before it goes on without it.
+STOP_WAIT_S = 2.0
 
 
 @dataclass
@@ -83,3 +86,22 @@ class Supervisor:
             self.on_failure(name)
         except Exception:
             log.exception("counting the failure of background task %s failed", name)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[None] | None], owner: str, wait: float = STOP_WAIT_S) -> None:
+    """Cancel `tasks` (None is skipped) and wait for them to end, `wait` seconds at most. One still
+    running then has kept its cancellation (a bug, as in Python 3.11's wait_for): it is logged with
+    its name and `owner`, and left behind, so that stopping goes on instead of hanging on it."""
+    given = [task for task in tasks if task is not None]
+    for task in given:
+        task.cancel()  # (nothing, for one that has ended)
+    running = [task for task in given if not task.done()]
+    stuck: set[asyncio.Task[None]] = set()
+    if running:
+        _, stuck = await asyncio.wait(running, timeout=wait)
+    for task in given:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not report it again at exit
+    for task in stuck:
+        log.error("%s: background task %s did not end within %g s of being cancelled; stopping without it "
+                  "(a bug in criproxy: please report it)", owner, task.get_name(), wait)

@@ -384,6 +384,54 @@ def test_supervisor_logs_counts_restarts_and_reports_a_failing_task(caplog: pyte
     assert len(logged) == 2 and logged[0].exc_info is not None and "flaky" in logged[0].getMessage()
 
 
+def test_stopping_background_tasks_never_hangs_on_one_that_keeps_its_cancellation(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from criproxy.supervise import stop_tasks
+
+    async def obeys() -> None:
+        await asyncio.sleep(60)
+
+    async def fails() -> None:
+        raise RuntimeError("failed before the stop")
+
+    released = False
+
+    async def stubborn() -> None:  # what a task that lost its cancellation looks like from outside
+        while not released:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                continue
+
+    async def scenario() -> tuple[float, float, list[bool]]:
+        good = [asyncio.create_task(obeys(), name="obeys"), asyncio.create_task(fails(), name="fails")]
+        await asyncio.sleep(0.01)
+        began = time.monotonic()
+        await stop_tasks([*good, None], "test owner", wait=5.0)
+        quick = time.monotonic() - began
+        bad = asyncio.create_task(stubborn(), name="stubborn")
+        await asyncio.sleep(0.01)
+        nonlocal released
+        try:
+            began = time.monotonic()
+            async with asyncio.timeout(5):  # a hang fails the test instead
+                await stop_tasks([bad], "test owner", wait=0.3)
+            bounded = time.monotonic() - began
+            still = [bad.done()]
+        finally:
+            released = True  # the test's own clean-up
+            await bad
+        return quick, bounded, still
+
+    with caplog.at_level(logging.ERROR, logger="criproxy.supervise"):
+        quick, bounded, still = asyncio.run(scenario())
+    assert quick < 1.0, "tasks that obey their cancellation are waited for, not the whole bound"
+    assert 0.3 <= bounded < 1.5 and still == [False]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("test owner: background task stubborn did not end within"), errors[0]
+
+
 def test_the_runtime_watcher_survives_an_exception(loop: LoopThread, fake: FakeRuntime,
                                                    configured: Callable[[str], Proxy], sockdir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

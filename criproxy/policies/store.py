@@ -31,7 +31,7 @@ from criproxy.errors import ConfigError
 from criproxy.policies.engine import AnnotationPolicy
 from criproxy.policies.model import parse_policy
 from criproxy.policies.source import SourceError
-from criproxy.supervise import Supervisor
+from criproxy.supervise import Supervisor, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,4 @@ class PolicyStore:
                     break
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._watcher, self._reloader) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks([self._watcher, self._reloader], f"policy file {self.path}")

@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from criproxy import __version__
 from criproxy.api.runtime.v1 import api_pb2
 from criproxy.cri.methods import API_VERSIONS, METHODS
-from criproxy.supervise import Supervisor
+from criproxy.supervise import Supervisor, stop_tasks
 from criproxy.transport.endpoints import Endpoint
 
 log = logging.getLogger(__name__)
@@ -203,9 +203,7 @@ class Upstream:
         self._ready_pending = False
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        await stop_tasks([self._watcher], f"{self.role} endpoint {self.endpoint}")
         await self.channel.close(None)
 
 
