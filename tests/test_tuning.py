@@ -96,3 +96,11 @@ def test_start_up_memory_freed_in_the_middle_of_the_heap_goes_back_to_the_kernel
     before, after = (int(n) for n in done.stdout.split())
     assert before - after > 40 << 20, done.stderr  # 56 of the 64 MiB were free, between kept blocks
     assert f"start-up memory handed back: resident {before / tuning.MIB:.1f} -> " in done.stderr
+
+
+def test_start_up_memory_is_left_to_a_preloaded_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    if tuning.glibc_version() is None:
+        pytest.skip("not glibc")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert tuning.release_start_up_memory() == (
+        "start-up memory left to the allocator of LD_PRELOAD=/usr/lib/libjemalloc.so.2")

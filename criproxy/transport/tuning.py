@@ -100,7 +100,12 @@ def operator_tuned(environ: Mapping[str, str] | None = None) -> str | None:
     for name in env:
         if name.startswith("MALLOC_"):  # MALLOC_ARENA_MAX, MALLOC_TOP_PAD_, ...: glibc reads them itself
             return f"{name} is set"
-    preload = env.get("LD_PRELOAD", "")
+    return preloaded_allocator(env)
+
+
+def preloaded_allocator(environ: Mapping[str, str] | None = None) -> str | None:
+    """'LD_PRELOAD=...' when another allocator than glibc's is preloaded; None if not."""
+    preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "")
     if any(allocator in preload for allocator in _OTHER_ALLOCATORS):
         return f"LD_PRELOAD={preload}"
     return None
@@ -137,9 +142,9 @@ def release_start_up_memory() -> str:
     try:
         if glibc_version() is None:
             return "not glibc: start-up memory left as is"
-        preload = os.environ.get("LD_PRELOAD", "")
-        if any(allocator in preload for allocator in _OTHER_ALLOCATORS):
-            return f"start-up memory left to the allocator of LD_PRELOAD={preload}"
+        preloaded = preloaded_allocator()
+        if preloaded is not None:
+            return f"start-up memory left to the allocator of {preloaded}"
         trim = ctypes.CDLL(None).malloc_trim
         trim.argtypes = (ctypes.c_size_t,)
         trim.restype = ctypes.c_int
