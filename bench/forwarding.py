@@ -71,7 +71,15 @@ _M_TOP_PAD = -2
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
+]  # main() adds the --client-authority options before any channel is made
+#: The :authority the client sends (--client-authority): name -> its channel options.
+CLIENT_AUTHORITIES: dict[str, list[tuple[str, Any]]] = {
+    # grpc-go, and so the kubelet, sends `localhost` to a unix socket: the proxy passes its bytes as they come.
+    "kubelet": [("grpc.default_authority", "localhost")],
+    # grpcio's own default, the percent-encoded socket path: h2 refuses it, so the proxy re-encodes every
+    # header block of such a connection (native/src/authority.rs). What Python tools calling the proxy cost it.
+    "grpcio": [],
+}
 Metadata = tuple[tuple[str, str], ...]
 #: A variant's pseudo-variable naming the source tree its proxy runs from (--proxy-tree); it is also
 #: passed to the proxy's environment, where nothing reads it.
@@ -545,6 +553,7 @@ class Options:
     references: list[str] = field(default_factory=lambda: list(REFERENCES))
     containerd: bool = False  # a private real containerd instead of the fake runtime
     containerd_pods: int = 10
+    client_authority: str = "kubelet"  # a key of CLIENT_AUTHORITIES
 
 
 class Bench:
@@ -1204,7 +1213,8 @@ def run(options: Options, selected: list[str]) -> dict[str, Any]:
     errors: list[str] = []
     try:
         bench.start_runtime()
-        progress(f"runtime up; harness GRPC_EXPERIMENTS={HARNESS_GRPC_EXPERIMENTS!r}")
+        progress(f"runtime up; harness GRPC_EXPERIMENTS={HARNESS_GRPC_EXPERIMENTS!r}; "
+                 f"client :authority as {options.client_authority} sends it")
         for scenario in scenario_list(options.containerd):
             if selected and scenario.name not in selected:
                 continue
@@ -1261,7 +1271,8 @@ def json_report(bench: Bench, by_target: dict[str, dict[str, dict[str, Any]]], c
         "mode": "quick" if options.quick else "full", "cpus": os.cpu_count(), "python": platform.python_version(),
         "grpcio": grpc.__version__, "harness_grpc_experiments": HARNESS_GRPC_EXPERIMENTS,
         "runtime": "containerd" if options.containerd else "fake", "runtime_description": bench.runtime_description,
-        "containers": options.containers, "clients": options.clients, "proxy_starts": bench.proxy_starts,
+        "containers": options.containers, "clients": options.clients, "client_authority": options.client_authority,
+        "proxy_starts": bench.proxy_starts,
         "variants": [{"label": v.label, "env": dict(v.overrides), "grpc_experiments": v.experiments(),
                       "results": by_target.get(f"proxy[{v.label}]", {}),
                       "checks": [c.as_json() for c in checks.get(f"proxy[{v.label}]", [])]}
@@ -1300,6 +1311,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str], argparse.Nam
     parser.add_argument("--containers", type=int, default=1000, help="containers the fake runtime's ListContainers "
                                                                       "answers")
     parser.add_argument("--clients", type=int, default=64, help="concurrent client channels in the burst")
+    parser.add_argument("--client-authority", choices=sorted(CLIENT_AUTHORITIES), default="kubelet",
+                        help="the :authority the client sends: 'kubelet' (the default) sends localhost as grpc-go "
+                             "does; 'grpcio' keeps grpcio's percent-encoded socket path, which the proxy rewrites")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     variants: list[Variant] = []
@@ -1320,7 +1334,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, list[str], argparse.Nam
         parser.error(f"--references: known ones are {', '.join(REFERENCES)}")
     options = Options(quick=args.quick, variants=variants, containers=args.containers, clients=args.clients,
                       references=list(dict.fromkeys(references)), containerd=args.containerd,
-                      containerd_pods=args.containerd_pods)
+                      containerd_pods=args.containerd_pods, client_authority=args.client_authority)
     return options, args.scenario, args
 
 
@@ -1330,6 +1344,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     options, selected, args = parse_args(argv)
+    CHANNEL_OPTIONS.extend(CLIENT_AUTHORITIES[options.client_authority])
     signal.signal(signal.SIGTERM, _terminate)
     tune_harness_malloc()
     try:
