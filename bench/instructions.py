@@ -10,11 +10,12 @@ its crates, where forwarding.py can only say "within noise".
 
 What runs: the fake runtime (bench/fake_runtime.py), and in front of it, one after the other, the
 proxy of each tree (`--proxy-tree`, default this one) under `valgrind --tool=callgrind`. For each
-method and each client :authority (the kubelet's `localhost`, and grpcio's percent-encoded socket
-path, which the proxy must rewrite: forwarding.py --client-authority), the client warms up, the
-counters are zeroed (`callgrind_control -z`), `--calls` calls are made one after another and the
-counters dumped (`callgrind_control -d`). The data thread is the dumped thread that ran the
-request handler (`criproxy_native::server::handle`).
+method (Version, ListContainers, and GetContainerEvents counted per streamed event) and each client
+:authority (the kubelet's `localhost`, and grpcio's percent-encoded socket path, which the proxy
+must rewrite: forwarding.py --client-authority), the client warms up, the counters are zeroed
+(`callgrind_control -z`), `--calls` calls are made one after another and the counters dumped
+(`callgrind_control -d`). The data thread is the dumped thread that ran the request handler
+(`criproxy_native::server::handle`).
 
 What it does not count: the kernel. System calls, copies between sockets and wake-ups are half of a
 call's CPU on that VM (forwarding.py's figures); instructions are what the proxy's own code, hyper,
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +50,12 @@ EXPERIMENTS = fw.HARNESS_GRPC_EXPERIMENTS  # the client's, as in forwarding.py
 
 import grpc  # noqa: E402  (after forwarding)
 
+#: name -> (path, request, messages per call): 0 for a unary call, else a stream of that many events,
+#: counted per event.
 METHODS = {
-    "Version": (fw.VERSION_PATH, fw.VERSION_REQUEST),
-    "ListContainers": (fw.LIST_CONTAINERS_PATH, fw.LIST_CONTAINERS_REQUEST),
+    "Version": (fw.VERSION_PATH, fw.VERSION_REQUEST, 0),
+    "ListContainers": (fw.LIST_CONTAINERS_PATH, fw.LIST_CONTAINERS_REQUEST, 0),
+    "GetContainerEvents": (fw.EVENTS_PATH, fw.EVENTS_REQUEST, 100),
 }
 #: How long a proxy under valgrind may take to answer its first call (Python starts ~30x slower there).
 VALGRIND_START_S = 180.0
@@ -66,13 +71,14 @@ class Count:
     tree: str
     method: str
     authority: str
-    calls: int
+    units: int  # calls, or for a stream the events it carried
+    unit: str  # "call" or "event"
     instructions: int  # on the data thread, between zeroing and dumping
     top: list[tuple[int, str]]  # (instructions, function), costliest first
 
     @property
-    def per_call(self) -> float:
-        return self.instructions / self.calls
+    def per_unit(self) -> float:
+        return self.instructions / self.units
 
 
 def callgrind_control(flag: str, pid: int) -> None:
@@ -121,6 +127,23 @@ def totals_and_top(path: str, top: int) -> tuple[int, list[tuple[int, str]]]:
     return total, costly[:top]
 
 
+def caller(channel: grpc.Channel, method: str) -> tuple[Callable[[], None], str, int]:
+    """(one call of `method`, bounded; what a count is per; how many of those one call makes)."""
+    path, request, messages = METHODS[method]
+    if not messages:
+        unary = channel.unary_unary(path, None, None)
+        return (lambda: unary(request, timeout=CALL_TIMEOUT_S)), "call", 1
+    stream = channel.unary_stream(path, None, None)
+    metadata = ((fw.MESSAGES_METADATA, str(messages)),)
+
+    def one() -> None:
+        got = sum(1 for _ in stream(request, metadata=metadata, timeout=CALL_TIMEOUT_S))
+        if got != messages:
+            raise RuntimeError(f"{method}: the fake runtime streamed {got} events, not {messages}")
+
+    return one, "event", messages
+
+
 def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], calls: int,
             top: int) -> list[Count]:
     """One proxy of `tree` under callgrind; every method with both client authorities."""
@@ -140,19 +163,21 @@ def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], 
         for authority, options in fw.CLIENT_AUTHORITIES.items():
             with grpc.insecure_channel(f"unix://{sock}", options=[*fw.CHANNEL_OPTIONS, *options]) as channel:
                 for method in methods:
-                    path, request = METHODS[method]
-                    call = channel.unary_unary(path, None, None)
-                    for _ in range(WARMUP_CALLS):
-                        call(request, timeout=CALL_TIMEOUT_S)
+                    call, unit, per_call = caller(channel, method)
+                    made = calls if per_call == 1 else max(1, calls // 10)  # a stream's call is 100 events
+                    for _ in range(WARMUP_CALLS if per_call == 1 else 2):
+                        call()
                     callgrind_control("-z", child.pid)
                     before = set(glob.glob(f"{out}*"))
-                    for _ in range(calls):
-                        call(request, timeout=CALL_TIMEOUT_S)
+                    for _ in range(made):
+                        call()
                     callgrind_control("-d", child.pid)
                     dumped = sorted(set(glob.glob(f"{out}*")) - before)
                     total, functions = totals_and_top(data_thread_dump(dumped), top)
-                    results.append(Count(tree, method, authority, calls, total, functions))
-                    fw.progress(f"{tree}: {method}, {authority} authority: {total / calls:,.0f} instructions/call")
+                    count = Count(tree, method, authority, made * per_call, unit, total, functions)
+                    results.append(count)
+                    fw.progress(f"{tree}: {method}, {authority} authority: "
+                                f"{count.per_unit:,.0f} instructions/{unit}")
     finally:
         child.stop()
     return results
@@ -160,21 +185,23 @@ def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], 
 
 def report(counts: list[Count], top: int) -> None:
     first = {(c.method, c.authority): c for c in reversed(counts)}
-    print(f"\n{'method':<16} {'client :authority':<18} {'tree':<40} {'instructions/call':>18} {'ratio':>6}")
+    print(f"\n{'method':<20} {'client :authority':<18} {'tree':<40} {'instructions':>14} {'per':<6} {'ratio':>6}")
     for c in counts:
-        ratio = c.per_call / first[(c.method, c.authority)].per_call
-        print(f"{c.method:<16} {c.authority:<18} {c.tree[-40:]:<40} {c.per_call:>18,.0f} {ratio:>5.2f}x")
+        ratio = c.per_unit / first[(c.method, c.authority)].per_unit
+        print(f"{c.method:<20} {c.authority:<18} {c.tree[-40:]:<40} {c.per_unit:>14,.0f} {c.unit:<6} {ratio:>5.2f}x")
     if top:
         for c in counts:
-            print(f"\n{c.method}, {c.authority} authority, {c.tree}: the {top} costliest functions, per call")
+            print(f"\n{c.method}, {c.authority} authority, {c.tree}: the {top} costliest functions, per {c.unit}")
             for n, name in c.top:
-                print(f"  {n / c.calls:>10,.0f}  {name[:150]}")
+                print(f"  {n / c.units:>10,.0f}  {name[:150]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=1000, help="calls counted per method and authority")
+    parser.add_argument("--calls", type=int, default=1000,
+                        help="calls counted per method and authority (GetContainerEvents: a tenth as many streams of "
+                             "100 events each, counted per event)")
     parser.add_argument("--method", action="append", choices=sorted(METHODS), default=[],
                         help="methods to count (default: all); repeatable")
     parser.add_argument("--proxy-tree", action="append", default=[], metavar="DIR",
