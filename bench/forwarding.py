@@ -74,7 +74,7 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]  # main() adds the --client-authority options before any channel is made
 #: The :authority the client sends (--client-authority): name -> its channel options.
 CLIENT_AUTHORITIES: dict[str, list[tuple[str, Any]]] = {
-    # grpc-go, and so the kubelet, sends `localhost` to a unix socket: the proxy passes its bytes as they come.
+    # grpc-go, and so the kubelet, sends `localhost` to a unix socket: the proxy takes the connection as it is.
     "kubelet": [("grpc.default_authority", "localhost")],
     # grpcio's own default, the percent-encoded socket path: h2 refuses it, so the proxy re-encodes every
     # header block of such a connection (native/src/authority.rs). What Python tools calling the proxy cost it.
