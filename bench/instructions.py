@@ -19,11 +19,10 @@ must rewrite: forwarding.py --client-authority), the client warms up, the counte
 
 What it does not count: the kernel. System calls, copies between sockets and wake-ups are half of a
 call's CPU on that VM (forwarding.py's figures); instructions are what the proxy's own code, hyper,
-h2, tokio and libc cost in user space. And valgrind counts a `rep movsb` copy (glibc's memcpy for a
-few KiB and up) one instruction per byte, so large copies weigh far more here than in time: of
-ListContainers' count, ~37,000 are h2's read buffer growing by 8 KiB copies, four a call, which take
-about a microsecond. Not a test and no targets: it prints the counts, each tree's ratio to the
-first, and with --top the functions that cost most (--keep keeps the dumps for callgrind_annotate).
+h2, tokio and libc cost in user space. Large copies are counted about as they cost: valgrind counts
+every byte of a `rep movsb` as an instruction, so the proxy runs with glibc told never to use it
+(NO_REP_MOVSB). Not a test and no targets: it prints the counts, each tree's ratio to the first, and
+with --top the functions that cost most (--keep keeps the dumps for callgrind_annotate).
 """
 
 from __future__ import annotations
@@ -64,6 +63,11 @@ CALL_TIMEOUT_S = 30.0
 #: The function that tells the data thread's dump from the other threads'.
 HANDLER = "criproxy_native::server::handle"
 WARMUP_CALLS = 50
+#: valgrind counts each byte a `rep movsb` / `rep stosb` moves as one instruction, so glibc's memcpy and
+#: memset of a few KiB and up would weigh ~30x what they cost (h2's read buffer growing by 8 KiB, four
+#: times a ListContainers, counted 33,000 of its 175,000). With these thresholds out of reach glibc
+#: copies with its vector loops at every size, and a copy counts about as it costs.
+NO_REP_MOVSB = "glibc.cpu.x86_rep_movsb_threshold=4294967295:glibc.cpu.x86_rep_stosb_threshold=4294967295"
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,9 @@ def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], 
     argv = [valgrind, "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
             sys.executable, "-m", "criproxy", "serve", "--listen", f"unix://{sock}",
             "--runtime-endpoint", f"unix://{runtime_sock}", "--metrics-address", "off"]
-    child = fw.Child(f"proxy of {tree} under callgrind", argv, dict(os.environ), directory / "proxy.log", cwd=tree)
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), NO_REP_MOVSB) if t)
+    child = fw.Child(f"proxy of {tree} under callgrind", argv, env, directory / "proxy.log", cwd=tree)
     results: list[Count] = []
     try:
         fw.wait_answering(f"unix://{sock}", child, timeout=VALGRIND_START_S)
