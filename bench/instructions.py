@@ -4,8 +4,9 @@
     python bench/instructions.py [--calls 1000] [--method Version ...] [--proxy-tree DIR ...]
 
 Timings on a shared 2-core VM move by 20% from run to run (bench/README.md); instruction counts do
-not: the same build, calls and environment count the same within about 1%, whatever
-else the machine is doing. So this is the instrument for a change to the data plane's own code or
+not: the same build, calls and environment count a unary call the same within about 1%, whatever
+else the machine is doing (a streamed event within about 10%: it depends on how the runtime's events
+are batched into reads). So this is the instrument for a change to the data plane's own code or
 its crates, where forwarding.py can only say "within noise".
 
 What runs: the fake runtime (bench/fake_runtime.py), and in front of it, one after the other, the
@@ -45,9 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import forwarding as fw  # after sys.path; it settles GRPC_EXPERIMENTS before importing grpc
 
-EXPERIMENTS = fw.HARNESS_GRPC_EXPERIMENTS  # the client's, as in forwarding.py
-
-import grpc  # noqa: E402  (after forwarding)
+# isort: split
+import grpc  # after forwarding, for the reason above
 
 #: name -> (path, request, messages per call): 0 for a unary call, else a stream of that many events,
 #: counted per event.
@@ -148,11 +148,10 @@ def caller(channel: grpc.Channel, method: str) -> tuple[Callable[[], None], str,
     return one, "event", messages
 
 
-def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], calls: int,
+def measure(tree: str, *, directory: Path, runtime_sock: str, methods: list[str], calls: int,
             top: int) -> list[Count]:
-    """One proxy of `tree` under callgrind; every method with both client authorities."""
-    tag = f"t{len(list(workdir.glob('t*')))}"
-    directory = workdir / tag
+    """One proxy of `tree` under callgrind, its files in `directory`; every method with both client
+    authorities."""
     directory.mkdir()
     sock = f"{directory}/proxy.sock"
     out = directory / "cg.out"
@@ -170,8 +169,9 @@ def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], 
             with grpc.insecure_channel(f"unix://{sock}", options=[*fw.CHANNEL_OPTIONS, *options]) as channel:
                 for method in methods:
                     call, unit, per_call = caller(channel, method)
-                    made = calls if per_call == 1 else max(1, calls // 10)  # a stream's call is 100 events
-                    for _ in range(WARMUP_CALLS if per_call == 1 else 2):
+                    unary = unit == "call"
+                    made = calls if unary else max(1, calls // 10)  # a stream's call carries many events
+                    for _ in range(WARMUP_CALLS if unary else 2):
                         call()
                     callgrind_control("-z", child.pid)
                     before = set(glob.glob(f"{out}*"))
@@ -190,7 +190,9 @@ def measure(tree: str, *, runtime_sock: str, workdir: Path, methods: list[str], 
 
 
 def report(counts: list[Count], top: int) -> None:
-    first = {(c.method, c.authority): c for c in reversed(counts)}
+    first: dict[tuple[str, str], Count] = {}  # the first tree's count of each method and authority
+    for c in counts:
+        first.setdefault((c.method, c.authority), c)
     print(f"\n{'method':<20} {'client :authority':<18} {'tree':<40} {'instructions':>14} {'per':<6} {'ratio':>6}")
     for c in counts:
         ratio = c.per_unit / first[(c.method, c.authority)].per_unit
@@ -218,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the temporary directory with callgrind's dumps (for callgrind_annotate)")
     args = parser.parse_args(argv)
     if args.calls < 1:
-        parser.error("--calls must be at least 1")
+        parser.error(f"--calls {args.calls}: must be at least 1")
+    if args.top < 0:
+        parser.error(f"--top {args.top}: must be 0 (no list) or more")
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (Debian: apt-get install valgrind)")
@@ -235,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     counts: list[Count] = []
     try:
         fw.wait_answering(f"unix://{runtime_sock}", runtime)
-        for tree in trees:
-            counts += measure(tree, runtime_sock=runtime_sock, workdir=workdir, methods=methods, calls=args.calls,
-                              top=args.top)
+        for i, tree in enumerate(trees):
+            counts += measure(tree, directory=workdir / f"tree{i}", runtime_sock=runtime_sock, methods=methods,
+                              calls=args.calls, top=args.top)
     finally:
         runtime.stop()
         if args.keep:
